@@ -1,0 +1,1 @@
+"""Checkpoint -> test-time graph -> ONNX -> TensorRT, with parity proven against PyTorch."""

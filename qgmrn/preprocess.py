@@ -1,0 +1,154 @@
+"""Question tokenization, vocabularies and image preprocessing: torch-free, shared by training and
+the runtime, so what the model saw in training is exactly what it sees in an app."""
+from __future__ import annotations
+
+import io
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+NULL, UNK = "<NULL>", "<UNK>"
+NULL_ID, UNK_ID = 0, 1
+# ImageNet statistics: the usual choice for a network trained from raw pixels.
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+_TOKEN = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
+
+
+class ImageError(ValueError):
+    """An image that cannot be read or used."""
+
+
+class QuestionError(ValueError):
+    """A question that cannot be encoded."""
+
+
+def tokenize(question: str) -> list[str]:
+    """Lowercase; words and numbers are tokens, each punctuation mark is a token."""
+    if not isinstance(question, str):
+        raise QuestionError(f"question must be a str, got {type(question).__name__}")
+    return _TOKEN.findall(question.lower())
+
+
+@dataclass
+class Vocab:
+    """Question tokens <-> ids. Id 0 pads (NULL), id 1 stands for words never seen (UNK)."""
+
+    tokens: list[str] = field(default_factory=lambda: [NULL, UNK])
+
+    def __post_init__(self):
+        if self.tokens[:2] != [NULL, UNK]:
+            raise ValueError("a vocabulary starts with <NULL>, <UNK>")
+        self._index = {t: i for i, t in enumerate(self.tokens)}
+
+    @classmethod
+    def build(cls, questions: Iterable[str], min_count: int = 1) -> "Vocab":
+        counts = Counter(t for q in questions for t in tokenize(q))
+        return cls([NULL, UNK] + sorted(t for t, c in counts.items() if c >= min_count))
+
+    def extend(self, questions: Iterable[str]) -> list[str]:
+        """Append unseen words at the end (existing ids stay put); returns the new words."""
+        new = sorted({t for q in questions for t in tokenize(q)} - set(self._index))
+        for t in new:
+            self._index[t] = len(self.tokens)
+            self.tokens.append(t)
+        return new
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def encode(self, question: str) -> tuple[list[int], list[str]]:
+        """Token ids and the words that mapped to UNK."""
+        words = tokenize(question)
+        if not words:
+            raise QuestionError("question is empty: it has no words")
+        ids = [self._index.get(w, UNK_ID) for w in words]
+        return ids, [w for w, i in zip(words, ids) if i == UNK_ID]
+
+
+def encode_batch(vocab: Vocab, questions: list[str], max_len: int | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, list[list[str]]]:
+    """Questions -> tokens (B, T) int64 padded with NULL, lengths (B,) int64, unknown words.
+
+    Policy: a question longer than max_len tokens is refused (QuestionError), never truncated,
+    since a cut question can have a different answer.
+    """
+    encoded = [vocab.encode(q) for q in questions]
+    lengths = np.array([len(ids) for ids, _ in encoded], dtype=np.int64)
+    if max_len is not None and lengths.max() > max_len:
+        i = int(lengths.argmax())
+        raise QuestionError(f"question {i} has {lengths[i]} tokens; this model takes at most {max_len}")
+    tokens = np.zeros((len(questions), int(lengths.max())), dtype=np.int64)
+    for row, (ids, _) in enumerate(encoded):
+        tokens[row, :len(ids)] = ids
+    return tokens, lengths, [unk for _, unk in encoded]
+
+
+# -- images ---------------------------------------------------------------------------------
+def load_rgb(image) -> Image.Image:
+    """A path, bytes, PIL image or uint8 array (HxW, HxWx3, HxWx4) -> RGB PIL image."""
+    if isinstance(image, (str, os.PathLike)):
+        path = os.fspath(image)
+        if not os.path.exists(path):
+            raise ImageError(f"image file not found: {path}")
+        try:
+            with Image.open(path) as im:
+                im.load()
+                return _check_size(im.convert("RGB"), path)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise ImageError(f"cannot read image {path}: {e}") from e
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        if len(image) == 0:
+            raise ImageError("image bytes are empty")
+        try:
+            with Image.open(io.BytesIO(image)) as im:
+                im.load()
+                return _check_size(im.convert("RGB"), "image bytes")
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise ImageError(f"cannot decode image bytes: {e}") from e
+    if isinstance(image, Image.Image):
+        return _check_size(image.convert("RGB"), "PIL image")
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise ImageError(f"image array must be uint8, got {image.dtype}")
+        if image.ndim == 3 and image.shape[2] == 1:
+            image = image[:, :, 0]
+        if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
+            raise ImageError(f"image array must be HxW, HxWx3 or HxWx4, got shape {image.shape}")
+        if image.shape[0] == 0 or image.shape[1] == 0:
+            raise ImageError(f"image array has zero size: {image.shape}")
+        return Image.fromarray(np.ascontiguousarray(image)).convert("RGB")
+    raise ImageError(f"unsupported image type {type(image).__name__}: "
+                     "give a path, bytes, a PIL image or a uint8 array")
+
+
+def _check_size(im: Image.Image, what: str) -> Image.Image:
+    if im.width == 0 or im.height == 0:
+        raise ImageError(f"{what} has zero size")
+    return im
+
+
+def resize_uint8(im: Image.Image, size: int) -> np.ndarray:
+    """RGB image -> (size, size, 3) uint8, bilinear (antialiased when shrinking)."""
+    return np.asarray(im.resize((size, size), Image.BILINEAR), dtype=np.uint8)
+
+
+_MEAN = np.array(MEAN, dtype=np.float32).reshape(3, 1, 1) * 255.0
+_INV_STD = 1.0 / (np.array(STD, dtype=np.float32).reshape(3, 1, 1) * 255.0)
+
+
+def normalize(u8: np.ndarray) -> np.ndarray:
+    """(..., S, S, 3) uint8 -> (..., 3, S, S) float32, ImageNet-normalised."""
+    x = np.moveaxis(u8, -1, -3).astype(np.float32)
+    return (x - _MEAN) * _INV_STD
+
+
+def preprocess_image(image, size: int) -> np.ndarray:
+    """Any accepted image -> (3, size, size) float32: the model's input for one image."""
+    return normalize(resize_uint8(load_rgb(image), size))
