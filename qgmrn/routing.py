@@ -16,6 +16,9 @@ class Router(nn.Module):
         super().__init__()
         self.layer_sizes = tuple(layer_sizes)
         self.tau = tau
+        # The trainer gives the noise its own generator, so that resuming restores it exactly
+        # whatever else draws from the global RNG (data loader seeds, other libraries).
+        self.noise_generator: torch.Generator | None = None
         self.fc = nn.Linear(hidden_dim, sum(layer_sizes))
         # Small weights: every module starts with execution probability sigmoid(bias) = 0.7,
         # yet the question can move its logits from the first step on.
@@ -25,7 +28,7 @@ class Router(nn.Module):
     def forward(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.fc(q)                                       # (B, N) with N = sum(layer_sizes)
         if self.training:
-            gates = gumbel_sigmoid_st(logits, self.tau)
+            gates = gumbel_sigmoid_st(logits, self.tau, self.noise_generator)
         else:
             gates = (logits > 0).to(logits.dtype)                 # the test-time mask
         return gates, logits
@@ -43,9 +46,11 @@ class Router(nn.Module):
         return torch.stack(parts, dim=1)
 
 
-def gumbel_sigmoid_st(logits: torch.Tensor, tau: float, eps: float = 1e-6) -> torch.Tensor:
+def gumbel_sigmoid_st(logits: torch.Tensor, tau: float, generator: torch.Generator | None = None,
+                      eps: float = 1e-6) -> torch.Tensor:
     """Binary gates in the forward pass, sigmoid gradients in the backward pass (alg. 1)."""
-    u = torch.rand_like(logits).clamp_(eps, 1.0 - eps)
+    u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
+    u = u.clamp_(eps, 1.0 - eps)
     t = torch.log(u) - torch.log1p(-u)                            # Logistic(0, 1) noise
     soft = torch.sigmoid((t + logits) / tau)
     hard = (soft > 0.5).to(soft.dtype)

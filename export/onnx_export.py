@@ -1,0 +1,132 @@
+"""Test-time graph -> one self-contained .onnx file whose metadata describes the model completely."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+
+import qgmrn
+from qgmrn.config import ModelConfig
+from qgmrn.model import QGMRN
+from qgmrn.preprocess import MEAN, STD
+
+from .graph import INPUT_NAMES, OUTPUT_NAMES, TestTimeModel
+
+# Opset 18: GroupNorm decomposes into InstanceNormalization pieces that TensorRT and onnxruntime
+# both run; opset 21's native GroupNormalization node fails to parse in several TensorRT versions.
+OPSET = 18
+METADATA_KEY = "qgmrn"
+METADATA_FORMAT = "qgmrn-onnx"
+METADATA_VERSION = 1
+# Nodes of the routing path (question encoder, routing FC, threshold) get this name prefix, so a
+# TensorRT 10 build can pin exactly those layers to float32.
+ROUTING_PREFIX = "routing/"
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def example_inputs(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batch 3 with different lengths: a batch-1 example can freeze the dynamic dims."""
+    g = torch.Generator().manual_seed(0)
+    image = torch.randn(3, 3, cfg.image_size, cfg.image_size, generator=g)
+    tokens = torch.randint(2, max(3, cfg.vocab_size), (3, 7), generator=g)
+    lengths = torch.tensor([7, 4, 2])
+    for i, n in enumerate(lengths):
+        tokens[i, n:] = 0
+    return image, tokens, lengths
+
+
+def build_metadata(state: dict, checkpoint_sha256: str, precision: str) -> dict:
+    cfg = ModelConfig.from_dict(state["model_config"])
+    return {
+        "format": METADATA_FORMAT, "format_version": METADATA_VERSION, "precision": precision,
+        "vocab": list(state["vocab"]), "answers": list(state["answers"]),
+        "image_size": cfg.image_size, "mean": list(MEAN), "std": list(STD),
+        "max_question_len": int(state["max_question_len"]),
+        "layer_sizes": list(cfg.layer_sizes), "num_layers": cfg.num_layers, "max_modules": cfg.max_modules,
+        "arch": cfg.arch, "attention": cfg.attention, "model_config": cfg.to_dict(),
+        "inputs": list(INPUT_NAMES), "outputs": list(OUTPUT_NAMES),
+        "qgmrn_version": qgmrn.__version__, "torch_version": torch.__version__, "onnx_version": onnx.__version__,
+        "opset": OPSET, "checkpoint_sha256": checkpoint_sha256,
+    }
+
+
+def export_onnx(model: QGMRN, path: str | os.PathLike, metadata: dict, fp16: bool = False) -> Path:
+    """Export the test-time graph (batch and question length dynamic) with metadata; checked.
+
+    Uses the TorchScript-based exporter: torch.export specialises the question length to the
+    example's (the GRU decomposition unrolls over time), and the dynamo exporter then either
+    fails or silently freezes the dim. The TorchScript exporter keeps an ONNX GRU node
+    (linear_before_reset=1, checked by the tests) over a dynamic length.
+    """
+    path = Path(path)
+    wrapper = TestTimeModel(model, half_visual=fp16).eval()
+    dynamic = {"image": {0: "batch"}, "tokens": {0: "batch", 1: "seq_len"}, "lengths": {0: "batch"},
+               **{name: {0: "batch"} for name in OUTPUT_NAMES}}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(wrapper, example_inputs(model.cfg), str(path), dynamo=False, opset_version=OPSET,
+                          input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
+                          dynamic_axes=dynamic, do_constant_folding=True)
+    proto = onnx.load(str(path))
+    mark_routing_nodes(proto)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(metadata)
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save_model(proto, str(path))                 # under 2 GB: one file, no external data
+    return path
+
+
+_ROUTING_SCOPE = re.compile(r"^/(model/)?(text|router)/")
+
+
+def mark_routing_nodes(proto: onnx.ModelProto) -> int:
+    """Prefix the names of nodes that come from the question encoder or the router."""
+    n = 0
+    for node in proto.graph.node:
+        if _ROUTING_SCOPE.match(node.name):
+            node.name = ROUTING_PREFIX + node.name.lstrip("/")
+            n += 1
+    return n
+
+
+def read_metadata(path_or_proto) -> dict:
+    proto = path_or_proto if isinstance(path_or_proto, onnx.ModelProto) else \
+        onnx.load(str(path_or_proto), load_external_data=False)
+    for p in proto.metadata_props:
+        if p.key == METADATA_KEY:
+            return json.loads(p.value)
+    raise ValueError("no qgmrn metadata in this ONNX file")
+
+
+def routing_precision_report(proto: onnx.ModelProto) -> dict:
+    """Element types of the routing nodes' outputs (after shape inference) and of the weights they
+    read: in a float16 graph every routing tensor must still be float32 (or an integer type)."""
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    types = {v.name: v.type.tensor_type.elem_type for v in
+             list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
+    types.update({i.name: i.data_type for i in inferred.graph.initializer})
+    float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+                   onnx.TensorProto.DOUBLE}
+    seen: dict[str, int] = {}
+    routing_nodes = [n for n in inferred.graph.node if n.name.startswith(ROUTING_PREFIX)]
+    for node in routing_nodes:
+        for name in list(node.input) + list(node.output):
+            t = types.get(name)
+            if t in float_types:
+                seen[onnx.TensorProto.DataType.Name(t)] = seen.get(onnx.TensorProto.DataType.Name(t), 0) + 1
+    return {"routing_nodes": len(routing_nodes), "float_tensor_types": seen,
+            "gru_linear_before_reset": [next((a.i for a in n.attribute if a.name == "linear_before_reset"), 0)
+                                        for n in inferred.graph.node if n.op_type == "GRU"]}

@@ -1,0 +1,130 @@
+"""Parity of exported artefacts with PyTorch on real inputs: logits, answers and routing gates."""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qgmrn.data.sources import Sample, load_clevr, load_jsonl
+from qgmrn.preprocess import Vocab, encode_batch, preprocess_image
+
+# Decisions whose route logit lies within EPS of 0 may legitimately flip between backends.
+EPS = 1e-3
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    max_logit_diff: float
+    min_top1_agreement: float
+    max_gate_mismatch: int = 0            # gates that differ although |route logit| > EPS
+
+
+TOLERANCES = {
+    "fp32": Tolerance(1e-4, 1.0),
+    # float16 visual path: logits move by up to ~1e-2 of their range; routing stays float32 so
+    # the gates must still agree outside EPS; an answer may change only where two answers are
+    # almost tied.
+    "fp16": Tolerance(5e-2, 0.99),
+}
+
+
+def parity_samples(data_root=None, jsonl=None, n: int = 300, seed: int = 0) -> tuple[list[Sample], str]:
+    """Real inputs for parity: given data, or a freshly generated CLEVR-style val split."""
+    if jsonl:
+        samples, source = load_jsonl(jsonl, require_answers=False), str(jsonl)
+    elif data_root:
+        samples, source = load_clevr(data_root, "val", require_answers=False), f"{data_root} (val)"
+    else:
+        from qgmrn.data.generate import generate
+        root = Path(tempfile.mkdtemp(prefix="qgmrn-parity-"))
+        generate(root, images=1, val_images=max(1, n // 8), questions=8, seed=seed + 1, workers=1,
+                 log=lambda *a: None)
+        samples, source = load_clevr(root, "val"), "generated CLEVR-style val images"
+    rng = np.random.default_rng(seed)
+    if len(samples) > n:
+        samples = [samples[i] for i in sorted(rng.choice(len(samples), n, replace=False))]
+    return samples, source
+
+
+def make_batches(samples: list[Sample], vocab: Vocab, image_size: int, batch: int = 16):
+    """(image (B,3,S,S) float32, tokens (B,T) int64, lengths (B,) int64) numpy batches; each batch
+    holds questions of mixed lengths, padded with NULL."""
+    for i in range(0, len(samples), batch):
+        part = samples[i:i + batch]
+        images = np.stack([preprocess_image(s.image, image_size) for s in part])
+        tokens, lengths, _ = encode_batch(vocab, [s.question for s in part])
+        yield images, tokens, lengths
+
+
+def run_torch(model, batches, device="cpu") -> dict[str, np.ndarray]:
+    model = model.eval().to(device)
+    outs = {"logits": [], "gates": [], "route_logits": []}
+    with torch.no_grad():
+        for images, tokens, lengths in batches:
+            o = model(torch.from_numpy(images).to(device), torch.from_numpy(tokens).to(device),
+                      torch.from_numpy(lengths).to(device))
+            for k, v in zip(outs, o):
+                outs[k].append(v.float().cpu().numpy())
+    return {k: np.concatenate(v) for k, v in outs.items()}
+
+
+def run_onnxruntime(path, batches) -> dict[str, np.ndarray]:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    outs = {"logits": [], "gates": [], "route_logits": []}
+    for images, tokens, lengths in batches:
+        o = sess.run(list(outs), {"image": images, "tokens": tokens, "lengths": lengths})
+        for k, v in zip(outs, o):
+            outs[k].append(np.asarray(v, dtype=np.float32))
+    return {k: np.concatenate(v) for k, v in outs.items()}
+
+
+def compare(reference: dict, other: dict, layer_sizes, tolerance: Tolerance, eps: float = EPS) -> dict:
+    """Reference (PyTorch) vs another backend. Samples in which a near-threshold decision flipped
+    run other modules, so their logits are compared only through the flip count."""
+    sizes = np.asarray(layer_sizes)
+    valid = np.arange(reference["gates"].shape[2])[None, :] < sizes[:, None]        # (L, M)
+    valid = np.broadcast_to(valid, reference["gates"].shape)
+    near = (np.abs(reference["route_logits"]) <= eps) & valid
+    differ = (reference["gates"] != other["gates"]) & valid
+    flipped_near = differ & near
+    mismatch = differ & ~near
+    clean = ~flipped_near.any(axis=(1, 2))
+    diff = np.abs(reference["logits"] - other["logits"])
+    max_diff = float(diff[clean].max()) if clean.any() else 0.0
+    top1 = reference["logits"].argmax(1) == other["logits"].argmax(1)
+    report = {
+        "samples": int(len(top1)),
+        "max_abs_logit_diff": max_diff,
+        "mean_abs_logit_diff": float(diff[clean].mean()) if clean.any() else 0.0,
+        "top1_agreement": float(top1.mean()),
+        "top1_agreement_clean": float(top1[clean].mean()) if clean.any() else 1.0,
+        "gates_compared": int(valid.sum()),
+        "gate_agreement": float(1.0 - differ.sum() / max(1, valid.sum())),
+        "gates_differ_outside_eps": int(mismatch.sum()),
+        "route_logits_within_eps": int(near.sum()),
+        "near_threshold_flips": int(flipped_near.sum()),
+        "samples_with_near_threshold_flips": int((~clean).sum()),
+        "eps": eps,
+        "max_abs_route_logit_diff": float(np.abs(reference["route_logits"] - other["route_logits"])[valid].max()),
+        "tolerance": {"max_logit_diff": tolerance.max_logit_diff,
+                      "min_top1_agreement": tolerance.min_top1_agreement,
+                      "max_gate_mismatch_outside_eps": tolerance.max_gate_mismatch},
+    }
+    failures = []
+    if max_diff > tolerance.max_logit_diff:
+        failures.append(f"max |logit diff| {max_diff:.3g} exceeds {tolerance.max_logit_diff:g} "
+                        f"(by {max_diff - tolerance.max_logit_diff:.3g})")
+    if report["top1_agreement_clean"] < tolerance.min_top1_agreement:
+        failures.append(f"top-1 agreement {report['top1_agreement_clean']:.4f} is below "
+                        f"{tolerance.min_top1_agreement:g} ({int((~top1[clean]).sum())} answers differ)")
+    if report["gates_differ_outside_eps"] > tolerance.max_gate_mismatch:
+        failures.append(f"{report['gates_differ_outside_eps']} gates differ although their route logit "
+                        f"is farther than {eps:g} from the threshold")
+    report["passed"] = not failures
+    report["failures"] = failures
+    return report

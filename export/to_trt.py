@@ -1,0 +1,95 @@
+"""Checkpoint -> verified ONNX bundle -> TensorRT engine, with parity proven for each artefact.
+
+    python -m export.to_trt ckpt.pt [--out DIR] [--fp16] [--min-batch 1 --opt-batch 8 --max-batch 64]
+                            [--workspace-mib 2048] [--tf32]
+
+Does everything export.to_onnx does, then builds DIR/model.engine (+ model.engine.json: TensorRT
+version, GPU, compute capability, ONNX hash) where TensorRT and a CUDA GPU exist, and checks its
+parity against PyTorch. Without them the verified ONNX bundle is still written, the command says
+what is missing, and exits with status 3.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from qgmrn.checkpoint import CheckpointError
+from qgmrn.data.sources import DataError
+
+from .bundle import ONNX_FP16_NAME, ONNX_NAME, ExportError, publish, write_report
+from .parity import TOLERANCES, compare
+from .to_onnx import add_common_args, run_export
+from .trt import EngineOptions, build_engine, missing_requirements
+
+EXIT_NO_TENSORRT = 3
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m export.to_trt", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(ap)
+    ap.add_argument("--min-batch", type=int, default=1)
+    ap.add_argument("--opt-batch", type=int, default=8)
+    ap.add_argument("--max-batch", type=int, default=64)
+    ap.add_argument("--max-len", type=int, default=0, help="longest question in tokens (default: the model's)")
+    ap.add_argument("--workspace-mib", type=int, default=2048)
+    ap.add_argument("--tf32", action="store_true", help="allow TF32 (off by default: parity builds)")
+    a = ap.parse_args(argv)
+    if not 1 <= a.min_batch <= a.opt_batch <= a.max_batch:
+        ap.error("need 1 <= --min-batch <= --opt-batch <= --max-batch")
+    missing = missing_requirements()
+    try:
+        staged = run_export(a)
+        if missing:
+            write_report(staged.stage, staged.report)
+            publish(staged.stage, staged.out)
+            print(f"wrote and verified the ONNX bundle {staged.out}, but built no TensorRT engine:\n  - "
+                  + "\n  - ".join(missing)
+                  + "\nOn a machine with an NVIDIA GPU: pip install 'qgmrn[gpu]', then run this command again "
+                  "(or serve the .onnx with onnxruntime-gpu; see README, GPU install).", file=sys.stderr)
+            return EXIT_NO_TENSORRT
+        from runtime.trt_engine import TrtRunner, trt_major
+        fp16_source = ONNX_FP16_NAME if a.fp16 and trt_major() >= 11 else ONNX_NAME
+        builds = [("trt-fp32", ONNX_NAME, "model.engine", False)]
+        if a.fp16:
+            builds.append(("trt-fp16", fp16_source, "model.fp16.engine", True))
+        for key, onnx_name, engine_name, fp16 in builds:
+            opts = EngineOptions(fp16=fp16, min_batch=a.min_batch, opt_batch=a.opt_batch, max_batch=a.max_batch,
+                                 max_len=a.max_len, workspace_mib=a.workspace_mib, tf32=a.tf32)
+            engine = build_engine(staged.stage / onnx_name, staged.stage / engine_name, opts)
+            runner = TrtRunner(engine)
+            outs = {"logits": [], "gates": [], "route_logits": []}
+            for images, tokens, lengths in staged.batches:
+                if len(images) > a.max_batch:
+                    continue
+                got = runner.run({"image": images, "tokens": tokens, "lengths": lengths})
+                for k in outs:
+                    outs[k].append(got[k])
+            import numpy as np
+            other = {k: np.concatenate(v) for k, v in outs.items()}
+            n = len(other["logits"])
+            reference = {k: v[:n] for k, v in staged.reference.items()}
+            result = compare(reference, other, staged.model.cfg.layer_sizes, TOLERANCES["fp16" if fp16 else "fp32"])
+            result.update(file=engine_name, bytes=engine.stat().st_size, backend=f"TensorRT {runner.info['tensorrt_version']}",
+                          gpu=runner.info["gpu_name"])
+            staged.report["artefacts"][key] = result
+            print(f"parity {key}: {'OK' if result['passed'] else 'FAILED'} max|dlogit| {result['max_abs_logit_diff']:.2e}")
+        staged.report["passed"] = all(r["passed"] for r in staged.report["artefacts"].values())
+        write_report(staged.stage, staged.report)
+        if not staged.report["passed"]:
+            failed = staged.out.with_name(staged.out.name + ".failed")
+            publish(staged.stage, failed)
+            raise ExportError(f"TensorRT parity failed; nothing was published (see {failed}/parity.json)", 1)
+        publish(staged.stage, staged.out)
+    except (CheckpointError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.code
+    print(f"wrote {staged.out}: ONNX and TensorRT engines, parity within tolerance")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""One-file checkpoints: config, vocabulary, answers, weights, optimizer/scheduler state, step,
+metrics and RNG state. Loadable with torch.load(weights_only=True); written atomically."""
+from __future__ import annotations
+
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .config import ModelConfig
+from .model import QGMRN
+
+FORMAT = "qgmrn-checkpoint"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A file that is missing, unreadable, or not a usable QGMRN checkpoint."""
+
+
+def save_checkpoint(path: str | os.PathLike, *, model: QGMRN, vocab: list[str], answers: list[str],
+                    max_question_len: int, train_config: dict | None = None, optimizer=None,
+                    scheduler=None, step: int = 0, epoch: int = 0, metrics: dict | None = None,
+                    rng: dict | None = None) -> Path:
+    """Write to a temporary file in the same directory, fsync, then rename over `path`:
+    a crash mid-save never destroys the last good checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "qgmrn_version": __version__,
+        "model_config": model.cfg.to_dict(), "train_config": train_config or {},
+        "vocab": list(vocab), "answers": list(answers), "max_question_len": int(max_question_len),
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "step": int(step), "epoch": int(epoch), "metrics": metrics or {}, "rng": rng or {},
+    }
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Read and validate a checkpoint; clear errors for missing, corrupt and foreign files."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {e}") from e
+    except Exception as e:  # pickle.UnpicklingError for files holding arbitrary objects
+        raise CheckpointError(f"{path} is not a QGMRN checkpoint (it holds objects a checkpoint "
+                              f"never contains): {e}") from e
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a QGMRN checkpoint (no '{FORMAT}' marker): a foreign file")
+    if state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format version {state.get('format_version')}; "
+                              f"this qgmrn reads version {FORMAT_VERSION}")
+    try:
+        ModelConfig.from_dict(state["model_config"])
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: its model config does not fit this qgmrn version: {e}") from e
+    return state
+
+
+def model_from_checkpoint(state: dict) -> QGMRN:
+    """Rebuild the model from the checkpoint alone (its stored config) and load the weights."""
+    model = QGMRN(ModelConfig.from_dict(state["model_config"]))
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint weights do not match its config: {e}") from e
+    return model

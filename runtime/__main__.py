@@ -1,0 +1,43 @@
+"""python -m runtime IMAGE "QUESTION" [--model PATH] [--top-k K] [--json] [--backend B]"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from . import ImageError, ModelError, NoModelConfigured, QuestionError, load
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m runtime", description="Answer a question about an image.")
+    ap.add_argument("image", help="image file")
+    ap.add_argument("question")
+    ap.add_argument("--model", default=os.environ.get("QGMRN_MODEL"),
+                    help="exported .onnx, bundle directory or TensorRT engine (default: $QGMRN_MODEL)")
+    ap.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime", "cpu"])
+    ap.add_argument("--top-k", type=int, default=1)
+    ap.add_argument("--json", action="store_true", help="print the full prediction as JSON")
+    a = ap.parse_args(argv)
+    try:
+        if not a.model:
+            raise NoModelConfigured("give --model or set QGMRN_MODEL")
+        model = load(a.model, a.backend)
+        pred = model.predict(a.image, a.question, top_k=max(1, a.top_k))
+    except (ImageError, QuestionError, ModelError, NoModelConfigured, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if a.json:
+        print(json.dumps({**pred.to_dict(), "backend": model.backend}, indent=2))
+    elif a.top_k > 1:
+        for ans, p in pred.top_k:
+            print(f"{ans}\t{p:.4f}")
+    else:
+        print(pred.answer)
+    if pred.unknown_words and not a.json:
+        print(f"note: words this model never saw: {', '.join(pred.unknown_words)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

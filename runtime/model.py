@@ -1,0 +1,102 @@
+"""A loaded QGMRN export: answers questions about images with numpy + Pillow + onnxruntime."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from qgmrn.preprocess import MEAN, STD, QuestionError, Vocab, encode_batch, preprocess_image
+
+from .backends import open_runner
+from .errors import ModelError
+
+
+@dataclass
+class Prediction:
+    answer: str
+    probability: float
+    top_k: list[tuple[str, float]]
+    gates: list[list[int]]                 # per modular layer, one 0/1 per module (the routing path)
+    execution_ratio: list[float]           # per layer: executed modules / modules
+    overall_execution_ratio: float
+    unknown_words: list[str] = field(default_factory=list)   # words the model never saw (read as UNK)
+
+    def to_dict(self) -> dict:
+        return {"answer": self.answer, "probability": self.probability,
+                "top_k": [{"answer": a, "probability": p} for a, p in self.top_k],
+                "routing": {"gates": self.gates, "execution_ratio": self.execution_ratio,
+                            "overall_execution_ratio": self.overall_execution_ratio},
+                "unknown_words": self.unknown_words}
+
+
+class Model:
+    """model.answer(image, question) -> str; predict() adds probabilities and the routing path.
+
+    Images: a path, bytes, a PIL image or a uint8 array (HxW, HxWx3, HxWx4). Questions: str, at
+    most `max_question_len` tokens (longer ones are refused, never truncated). Thread-safe.
+    """
+
+    def __init__(self, path: str | os.PathLike, backend: str = "auto"):
+        self._runner, self.path = open_runner(path, backend)
+        meta = self.metadata = self._runner.metadata
+        self.backend = self._runner.name
+        self.vocab = Vocab(list(meta["vocab"]))
+        self.answers: list[str] = list(meta["answers"])
+        self.image_size = int(meta["image_size"])
+        self.max_question_len = int(meta["max_question_len"])
+        self.layer_sizes = [int(m) for m in meta["layer_sizes"]]
+        if not (np.allclose(meta["mean"], MEAN) and np.allclose(meta["std"], STD)):
+            raise ModelError(f"{self.path} was exported with image normalisation {meta['mean']}/{meta['std']}, "
+                             f"which this runtime ({MEAN}/{STD}) does not apply; upgrade qgmrn")
+
+    def __repr__(self) -> str:
+        return f"Model({str(self.path)!r}, backend={self.backend!r}, answers={len(self.answers)})"
+
+    # -- public API ----------------------------------------------------------------------------
+    def answer(self, image, question: str) -> str:
+        return self.predict(image, question, top_k=1).answer
+
+    def predict(self, image, question: str, top_k: int = 5) -> Prediction:
+        return self.predict_batch([image], [question], top_k)[0]
+
+    def answer_batch(self, images, questions, batch_size: int = 16) -> list[str]:
+        return [p.answer for p in self.predict_batch(images, questions, 1, batch_size)]
+
+    def predict_batch(self, images, questions, top_k: int = 5, batch_size: int = 16) -> list[Prediction]:
+        images, questions = list(images), list(questions)
+        if len(images) != len(questions):
+            raise ValueError(f"{len(images)} images but {len(questions)} questions")
+        if top_k < 1:
+            raise ValueError("top_k must be at least 1")
+        out: list[Prediction] = []
+        for i in range(0, len(images), batch_size):
+            out += self._predict_chunk(images[i:i + batch_size], questions[i:i + batch_size], top_k)
+        return out
+
+    # -- internals ------------------------------------------------------------------------------
+    def _predict_chunk(self, images, questions, top_k) -> list[Prediction]:
+        for q in questions:
+            if not isinstance(q, str):
+                raise QuestionError(f"question must be a str, got {type(q).__name__}")
+            if not q.strip():
+                raise QuestionError("question is empty")
+        tokens, lengths, unknown = encode_batch(self.vocab, questions, self.max_question_len)
+        pixels = np.stack([preprocess_image(im, self.image_size) for im in images])
+        out = self._runner.run({"image": pixels, "tokens": tokens, "lengths": lengths})
+        logits = out["logits"].astype(np.float64)
+        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+        k = min(top_k, len(self.answers))
+        preds = []
+        for row in range(len(questions)):
+            order = np.argsort(-probs[row], kind="stable")[:k]
+            gates = [[int(g) for g in out["gates"][row, l, :m]] for l, m in enumerate(self.layer_sizes)]
+            ratio = [sum(g) / len(g) for g in gates]
+            preds.append(Prediction(
+                answer=self.answers[int(order[0])], probability=float(probs[row, order[0]]),
+                top_k=[(self.answers[int(j)], float(probs[row, j])) for j in order],
+                gates=gates, execution_ratio=ratio,
+                overall_execution_ratio=sum(map(sum, gates)) / sum(self.layer_sizes),
+                unknown_words=unknown[row]))
+        return preds
