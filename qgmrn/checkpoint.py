@@ -59,6 +59,9 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory, not a checkpoint file")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): "
+                              "it is not a torch.save archive")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except (zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as e:

@@ -160,9 +160,10 @@ def _all_sum(t: torch.Tensor) -> torch.Tensor:
 
 # -- the loop ------------------------------------------------------------------------------------
 def train(cfg: TrainConfig, model_overrides: dict | None = None, resume: str | None = None,
-          init_from: str | None = None, log=print) -> dict:
+          init_from: str | None = None, log=print, on_finish=None) -> dict:
     """Train; returns the final evaluation. Raises TrainingStopped on a signal or a non-finite loss
-    (after keeping a resumable checkpoint, resp. the last good one)."""
+    (after keeping a resumable checkpoint, resp. the last good one). on_finish(model) is called on
+    every rank when training completes."""
     rank, world, device = _dist_setup()
     main_rank = rank == 0
     say = log if main_rank else (lambda *a, **k: None)
@@ -343,6 +344,11 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None, resume: str | N
                 if dist.is_initialized():
                     dist.barrier()
                 t0 = time.perf_counter()
+        if dist.is_initialized():
+            # DDP broadcasts BatchNorm statistics at the start of each forward, so after the last
+            # step each rank holds its own; make every rank end with rank 0's (the checkpoint's).
+            for buf in model.buffers():
+                dist.broadcast(buf, 0)
         if main_rank:
             final = {**public(result), "majority_baseline": baseline}
             save(final)
@@ -352,6 +358,8 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None, resume: str | N
                 + " ".join(f"{k}={v:.3f}" for k, v in baseline["per_type_majority"].items()))
             say(f"checkpoint: {ckpt_path}")
             result = final
+        if on_finish is not None:
+            on_finish(model)
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)

@@ -25,3 +25,28 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A small generated CLEVR-style dataset (real layout, real renders of the generator)."""
+    from qgmrn.data.generate import generate
+    root = tmp_path_factory.mktemp("clevr-tiny")
+    generate(root, images=24, val_images=8, questions=6, seed=1, workers=1, log=lambda *a: None)
+    return root
+
+
+def tiny_train_config(data_root, out, **kw):
+    from qgmrn.train import TrainConfig
+    fields = dict(data_root=str(data_root), preset="tiny", steps=4, batch_size=8, warmup_steps=2,
+                  log_every=1, save_every=1000, out=str(out), seed=0)
+    fields.update(kw)
+    return TrainConfig(**fields)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_data, tmp_path_factory) -> Path:
+    from qgmrn.train import train
+    out = tmp_path_factory.mktemp("run")
+    train(tiny_train_config(tiny_data, out), log=lambda *a: None)
+    return out / "ckpt.pt"
