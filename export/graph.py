@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qgmrn.model import PAD_LOGIT, QGMRN
+from qgmrn.model import PAD_LOGIT, QGMRN, LayerNorm32
 
 INPUT_NAMES = ("image", "tokens", "lengths")
 OUTPUT_NAMES = ("logits", "gates", "route_logits")
@@ -26,6 +26,9 @@ class TestTimeModel(nn.Module):
         if half_visual:
             self.model.visual.half()
             self.model.head.half()
+            for m in self.model.head.modules():
+                if isinstance(m, LayerNorm32):
+                    m.float()
 
     def forward(self, image: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor):
         m = self.model

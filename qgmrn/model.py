@@ -87,6 +87,15 @@ class PlainHead(nn.Module):
         return self.mlp(x)
 
 
+class LayerNorm32(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever the input's precision (a float16 graph keeps the
+    statistics exact; export.graph keeps this module's parameters float32)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
+                            self.eps).to(x.dtype)
+
+
 class EncoderLayer(nn.Module):
     """Post-norm Transformer encoder layer (Vaswani et al.), written out so it exports plainly."""
 
@@ -95,9 +104,9 @@ class EncoderLayer(nn.Module):
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = LayerNorm32(dim)
         self.ff = nn.Sequential(nn.Linear(dim, ff), nn.ReLU(inplace=True), nn.Linear(ff, dim))
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = LayerNorm32(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape

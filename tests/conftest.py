@@ -50,3 +50,29 @@ def tiny_checkpoint(tiny_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run")
     train(tiny_train_config(tiny_data, out), log=lambda *a: None)
     return out / "ckpt.pt"
+
+
+def save_random_checkpoint(path, preset, real_sample=None, spread_routing=True, seed=0):
+    """A random-init checkpoint of `preset` with a vocabulary that covers the real CLEVR sample.
+    spread_routing: route logits of either sign, so gates really differ between questions."""
+    import torch
+    from qgmrn.checkpoint import save_checkpoint
+    from qgmrn.model import create_model
+    from qgmrn.preprocess import Vocab, tokenize
+    questions = ["What color is the big cube?", "How many spheres are there?"]
+    answers = ["yes", "no", "0", "1", "2", "3", "red", "blue", "cube", "sphere"]
+    if real_sample is not None:
+        from qgmrn.data.sources import load_clevr
+        samples = load_clevr(real_sample, "train") + load_clevr(real_sample, "val")
+        questions = [s.question for s in samples]
+        answers = sorted({s.answer for s in samples})
+    vocab = Vocab.build(questions)
+    torch.manual_seed(seed)
+    model = create_model(preset, vocab_size=len(vocab), num_answers=len(answers)).eval()
+    if spread_routing:
+        with torch.no_grad():
+            model.router.fc.weight.normal_(0, 0.5)
+            model.router.fc.bias.zero_()
+    save_checkpoint(path, model=model, vocab=vocab.tokens, answers=answers,
+                    max_question_len=max(len(tokenize(q)) for q in questions) + 5)
+    return path
