@@ -66,7 +66,7 @@ class Vocab:
     def encode(self, question: str) -> tuple[list[int], list[str]]:
         """Token ids and the words that mapped to UNK."""
         words = tokenize(question)
-        if not words:
+        if not any(w[0].isalnum() for w in words):
             raise QuestionError("question is empty: it has no words")
         ids = [self._index.get(w, UNK_ID) for w in words]
         return ids, [w for w, i in zip(words, ids) if i == UNK_ID]

@@ -64,6 +64,16 @@ class TrainingStopped(Exception):
         self.code = code
 
 
+# Longest question (in tokens) an exported model accepts: at least this, or the longest training
+# question. Real CLEVR questions reach about 45 tokens; the runtime refuses longer ones (never
+# truncates), and TensorRT profiles are built up to this length.
+MIN_QUESTION_LIMIT = 64
+
+
+def question_limit(samples) -> int:
+    return max(MIN_QUESTION_LIMIT, max(len(tokenize(s.question)) for s in samples))
+
+
 def default_data_dir(images: int) -> Path:
     base = Path(os.environ.get("QGMRN_CACHE", Path.home() / ".cache" / "qgmrn"))
     return base / f"clevr-generated-v1-{images}"
@@ -196,13 +206,13 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None, resume: str | N
         new_words = vocab.extend(s.question for s in train_samples)
         answers = list(init["answers"]) + [a for a in answer_list(train_samples) if a not in init["answers"]]
         model = grow_model(model, len(vocab), len(answers))
-        max_len = max(init["max_question_len"], max(len(tokenize(s.question)) for s in train_samples))
+        max_len = max(init["max_question_len"], question_limit(train_samples))
         say(f"fine-tuning from {init_from}: {len(new_words)} new words, "
             f"{len(answers) - len(init['answers'])} new answers")
     else:
         vocab = Vocab.build(s.question for s in train_samples)
         answers = answer_list(train_samples)
-        max_len = max(len(tokenize(s.question)) for s in train_samples)
+        max_len = question_limit(train_samples)
         model = QGMRN(get_config(cfg.preset, vocab_size=len(vocab), num_answers=len(answers),
                                  **(model_overrides or {})))
     mcfg = model.cfg

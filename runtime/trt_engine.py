@@ -12,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import ModelError
 
-class EngineMismatch(RuntimeError):
+
+class EngineMismatch(ModelError):
     """An engine built for another GPU or TensorRT version, or without its description."""
 
 
