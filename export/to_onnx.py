@@ -26,9 +26,20 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
 
 
 def run_export(a, log=print):
-    data_root = a.data_root
-    return export_checkpoint(a.checkpoint, a.out, fp16=a.fp16, data_root=data_root, jsonl=a.jsonl,
+    return export_checkpoint(a.checkpoint, a.out, fp16=a.fp16, data_root=a.data_root, jsonl=a.jsonl,
                              parity_n=a.parity_samples, log=log)
+
+
+def exit_code(body) -> int:
+    """Run a CLI body; bad input and failed parity become a message and an exit status."""
+    try:
+        return body()
+    except (CheckpointError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.code
 
 
 def main(argv=None) -> int:
@@ -36,18 +47,14 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(ap)
     a = ap.parse_args(argv)
-    try:
+
+    def body() -> int:
         staged = run_export(a)
         write_report(staged.stage, staged.report)
         publish(staged.stage, staged.out)
-    except (CheckpointError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ExportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.code
-    print(f"wrote {staged.out} (parity.json: all artefacts within tolerance)")
-    return 0
+        print(f"wrote {staged.out} (parity.json: all artefacts within tolerance)")
+        return 0
+    return exit_code(body)
 
 
 if __name__ == "__main__":

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from qgmrn.checkpoint import CheckpointError
-from qgmrn.data.sources import DataError
+import numpy as np
 
 from .bundle import ONNX_FP16_NAME, ONNX_NAME, ExportError, publish, write_report
 from .parity import TOLERANCES, compare
-from .to_onnx import add_common_args, run_export
+from .to_onnx import add_common_args, exit_code, run_export
 from .trt import EngineOptions, build_engine, missing_requirements
 
 EXIT_NO_TENSORRT = 3
@@ -38,7 +38,8 @@ def main(argv=None) -> int:
     if not 1 <= a.min_batch <= a.opt_batch <= a.max_batch:
         ap.error("need 1 <= --min-batch <= --opt-batch <= --max-batch")
     missing = missing_requirements()
-    try:
+
+    def body() -> int:
         staged = run_export(a)
         if missing:
             write_report(staged.stage, staged.report)
@@ -48,32 +49,18 @@ def main(argv=None) -> int:
                   + "\nOn a machine with an NVIDIA GPU: pip install 'qgmrn[gpu]', then run this command again "
                   "(or serve the .onnx with onnxruntime-gpu; see README, GPU install).", file=sys.stderr)
             return EXIT_NO_TENSORRT
-        from runtime.trt_engine import TrtRunner, trt_major
-        fp16_source = ONNX_FP16_NAME if a.fp16 and trt_major() >= 11 else ONNX_NAME
+        from runtime.trt_engine import trt_major
         builds = [("trt-fp32", ONNX_NAME, "model.engine", False)]
-        if a.fp16:
-            builds.append(("trt-fp16", fp16_source, "model.fp16.engine", True))
+        if a.fp16:       # TensorRT 11 is strongly typed: its fp16 engine comes from the fp16 graph
+            builds.append(("trt-fp16", ONNX_FP16_NAME if trt_major() >= 11 else ONNX_NAME, "model.fp16.engine", True))
         for key, onnx_name, engine_name, fp16 in builds:
             opts = EngineOptions(fp16=fp16, min_batch=a.min_batch, opt_batch=a.opt_batch, max_batch=a.max_batch,
                                  max_len=a.max_len, workspace_mib=a.workspace_mib, tf32=a.tf32)
             engine = build_engine(staged.stage / onnx_name, staged.stage / engine_name, opts)
-            runner = TrtRunner(engine)
-            outs = {"logits": [], "gates": [], "route_logits": []}
-            for images, tokens, lengths in staged.batches:
-                if len(images) > a.max_batch:
-                    continue
-                got = runner.run({"image": images, "tokens": tokens, "lengths": lengths})
-                for k in outs:
-                    outs[k].append(got[k])
-            import numpy as np
-            other = {k: np.concatenate(v) for k, v in outs.items()}
-            n = len(other["logits"])
-            reference = {k: v[:n] for k, v in staged.reference.items()}
-            result = compare(reference, other, staged.model.cfg.layer_sizes, TOLERANCES["fp16" if fp16 else "fp32"])
-            result.update(file=engine_name, bytes=engine.stat().st_size, backend=f"TensorRT {runner.info['tensorrt_version']}",
-                          gpu=runner.info["gpu_name"])
+            result = engine_parity(engine, staged, a.max_batch, TOLERANCES["fp16" if fp16 else "fp32"])
             staged.report["artefacts"][key] = result
-            print(f"parity {key}: {'OK' if result['passed'] else 'FAILED'} max|dlogit| {result['max_abs_logit_diff']:.2e}")
+            print(f"parity {key}: {'OK' if result['passed'] else 'FAILED'} "
+                  f"max|dlogit| {result['max_abs_logit_diff']:.2e} top-1 {100 * result['top1_agreement']:.2f}%")
         staged.report["passed"] = all(r["passed"] for r in staged.report["artefacts"].values())
         write_report(staged.stage, staged.report)
         if not staged.report["passed"]:
@@ -81,15 +68,27 @@ def main(argv=None) -> int:
             publish(staged.stage, failed)
             raise ExportError(f"TensorRT parity failed; nothing was published (see {failed}/parity.json)", 1)
         publish(staged.stage, staged.out)
-    except (CheckpointError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ExportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.code
-    print(f"wrote {staged.out}: ONNX and TensorRT engines, parity within tolerance")
-    return 0
+        print(f"wrote {staged.out}: ONNX and TensorRT engines, parity within tolerance")
+        return 0
+    return exit_code(body)
 
+
+def engine_parity(engine: Path, staged, max_batch: int, tolerance) -> dict:
+    """PyTorch (the staged reference outputs) vs the engine on the same parity batches."""
+    from runtime.trt_engine import TrtRunner
+    runner = TrtRunner(engine)
+    outs = {"logits": [], "gates": [], "route_logits": []}
+    for images, tokens, lengths in staged.batches:
+        for i in range(0, len(images), max_batch):
+            got = runner.run({"image": images[i:i + max_batch], "tokens": tokens[i:i + max_batch],
+                              "lengths": lengths[i:i + max_batch]})
+            for k in outs:
+                outs[k].append(got[k])
+    other = {k: np.concatenate(v) for k, v in outs.items()}
+    result = compare(staged.reference, other, staged.model.cfg.layer_sizes, tolerance)
+    result.update(file=engine.name, bytes=engine.stat().st_size, backend=f"TensorRT {runner.info['tensorrt_version']}",
+                  gpu=runner.info["gpu_name"], compute_capability=runner.info["compute_capability"])
+    return result
 
 if __name__ == "__main__":
     sys.exit(main())

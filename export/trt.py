@@ -72,11 +72,12 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, opts: EngineOpt
         pinned = 0
         for i in range(network.num_layers):
             layer = network.get_layer(i)
-            if layer.name.startswith(ROUTING_PREFIX):
+            floats = [j for j in range(layer.num_outputs)
+                      if layer.get_output(j).dtype in (trt.float32, trt.float16)]
+            if layer.name.startswith(ROUTING_PREFIX) and floats:   # integer/shape layers stay as they are
                 layer.precision = trt.float32
-                for j in range(layer.num_outputs):
-                    if layer.get_output(j).dtype in (trt.float32, trt.float16):
-                        layer.set_output_type(j, trt.float32)
+                for j in floats:
+                    layer.set_output_type(j, trt.float32)
                 pinned += 1
         log(f"TensorRT {trt.__version__}: FP16 with {pinned} routing layers pinned to float32")
     elif opts.fp16 and meta.get("precision") != "fp16":

@@ -18,6 +18,13 @@ def _norm(kind: str, channels: int, groups: int) -> nn.Module:
     return nn.BatchNorm2d(channels)
 
 
+def _shortcut(cin: int, cout: int, stride: int) -> nn.Module:
+    """Identity, or a strided 1x1 projection where the block changes shape (ResNet option B)."""
+    if stride == 1 and cin == cout:
+        return nn.Identity()
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+
 class BranchBlock(nn.Module):
     """ResNeXt bottleneck: 1x1 -> grouped 3x3 (c branches, gated) -> 1x1 -> norm3, plus shortcut."""
 
@@ -29,22 +36,22 @@ class BranchBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(width)
         self.conv2 = nn.Conv2d(width, width, 3, stride, 1, groups=cardinality, bias=False)
         self.bn2 = nn.BatchNorm2d(width)
+        # (c, width) 0/1 matrix: gate (B, c) @ expand = channel mask (B, width). A constant matmul
+        # keeps the exported graph free of per-block dynamic reshapes.
+        self.register_buffer("expand", torch.repeat_interleave(torch.eye(cardinality), width // cardinality, dim=1),
+                             persistent=False)
         self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
         # Paper 4.2: GroupNorm here instead of BatchNorm; routing makes batch statistics unstable.
         self.norm3 = _norm(block_norm, cout, gn_groups)
         self.relu = nn.ReLU(inplace=True)
-        self.shortcut = nn.Identity()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        self.shortcut = _shortcut(cin, cout, stride)
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))                 # (B, W, H, W')
         # Gate after norm and ReLU: gating before the norm would let its bias undo the gate.
         # Branch m owns channel group m of the grouped conv; its gate scales that group.
-        b, w, h, ww = out.shape
-        out = (out.reshape(b, self.cardinality, w // self.cardinality, h, ww)
-               * gate.reshape(b, self.cardinality, 1, 1, 1)).reshape(b, w, h, ww)
+        out = out * (gate @ self.expand.to(gate.dtype))[:, :, None, None]
         out = self.norm3(self.conv3(out))
         return self.relu(out + self.shortcut(x))
 
@@ -59,9 +66,7 @@ class FilterBlock(nn.Module):
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
         self.relu = nn.ReLU(inplace=True)
-        self.shortcut = nn.Identity()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        self.shortcut = _shortcut(cin, cout, stride)
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))

@@ -11,7 +11,7 @@ import torch
 from qgmrn.data.datasets import VQADataset, collate
 from qgmrn.data.generate import generate
 from qgmrn.data.prepare import ImageCache, prepare
-from qgmrn.data.programs import SUBTYPES, execute, question_type
+from qgmrn.data.programs import SUBTYPES, execute
 from qgmrn.data.questions import FAMILIES
 from qgmrn.data.sources import DataError, answer_list, load_clevr, load_humans, load_jsonl
 from qgmrn.preprocess import UNK_ID, ImageError, Vocab, encode_batch, preprocess_image
@@ -149,3 +149,11 @@ def test_bad_input_names_the_file_and_record(tmp_path, real_sample):
     corrupt.write_bytes((real_sample / "images/val/CLEVR_val_000010.png").read_bytes()[:300])
     with pytest.raises(ImageError, match="corrupt.png"):
         preprocess_image(corrupt, 32)
+
+
+def test_objects_per_scene_follow_the_requested_range(tmp_path):
+    generate(tmp_path, 10, 2, 2, seed=5, workers=1, log=lambda *a: None, objects=(3, 4))
+    scenes = json.loads((tmp_path / "scenes/CLEVR_train_scenes.json").read_text())["scenes"]
+    assert {len(s["objects"]) for s in scenes} <= {3, 4}
+    with pytest.raises(ValueError, match="objects per scene"):
+        generate(tmp_path / "x", 1, 1, 1, objects=(5, 11))

@@ -1,7 +1,5 @@
 """Export: test-time graph, ONNX with metadata, fp16 routing precision, parity, TensorRT path."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -9,15 +7,15 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from conftest import REPO, save_random_checkpoint
+from conftest import save_random_checkpoint
 from export.bundle import export_checkpoint
-from export.onnx_export import build_metadata, example_inputs, export_onnx, read_metadata
+from export.onnx_export import build_metadata, read_metadata
 from export.parity import TOLERANCES, compare
 from export.to_onnx import main as to_onnx_main
 from export.to_trt import EXIT_NO_TENSORRT
 from export.to_trt import main as to_trt_main
 from export.trt import missing_requirements
-from qgmrn.checkpoint import load_checkpoint, model_from_checkpoint
+from qgmrn.checkpoint import load_checkpoint
 from qgmrn.data.sources import load_clevr
 from qgmrn.model import TextEncoder
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from qgmrn.config import PRESETS, get_config, preset_names
+from qgmrn.config import get_config, preset_names
 from qgmrn.model import PAD_LOGIT, count_macs, count_parameters, create_model
 from qgmrn.routing import load_balancing_loss
 

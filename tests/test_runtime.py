@@ -1,5 +1,4 @@
 """Runtime: torch-free answers equal to PyTorch's, every image form, bad input, threads, CLI."""
-import io
 import json
 import os
 import subprocess

@@ -1,0 +1,85 @@
+"""Training-step throughput (forward + backward + Adam step, samples/s) of the paper presets and the
+CPU preset, side by side in one run; parameter counts and forward MACs per sample too.
+
+    python bench/train_throughput.py                     # CPU: all presets, batch 16
+    python bench/train_throughput.py --presets brn-c32 --batch-size 64 --device cuda   # fp32 vs bf16
+
+On CUDA every preset is measured in fp32 and in bf16 autocast (channels-last), with peak memory.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from qgmrn.model import count_macs, count_parameters, create_model
+from qgmrn.routing import load_balancing_loss
+
+DEFAULT_PRESETS = ["small", "brn-c8", "brn-c16", "brn-c32", "frn"]
+
+
+def measure(preset: str, batch: int, device: str, amp: bool, steps: int, warmup: int) -> dict:
+    torch.manual_seed(0)
+    model = create_model(preset, vocab_size=90, num_answers=28).to(device).train()
+    cfg = model.cfg
+    cuda = device.startswith("cuda")
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), 3e-4)
+    image = torch.randn(batch, 3, cfg.image_size, cfg.image_size, device=device)
+    if cuda:
+        image = image.contiguous(memory_format=torch.channels_last)
+    tokens = torch.randint(2, 90, (batch, 20), device=device)
+    lengths = torch.randint(8, 21, (batch,), device=device)
+    labels = torch.randint(0, 28, (batch,), device=device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+
+    def step():
+        with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=amp):
+            out = model(image, tokens, lengths)
+            loss = F.cross_entropy(out.logits.float(), labels) + 0.01 * load_balancing_loss(out.gates.float(), cfg.layer_sizes)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(warmup):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    return {"preset": preset, "image": cfg.image_size, "params_m": count_parameters(model) / 1e6,
+            "gmacs": count_macs(model.float().to(memory_format=torch.contiguous_format)) / 1e9,
+            "samples_s": batch * steps / dt, "peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--presets", nargs="+", default=DEFAULT_PRESETS)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = ap.parse_args(argv)
+    modes = [False, True] if a.device.startswith("cuda") else [False]
+    print(f"device {a.device} ({torch.cuda.get_device_name() if a.device.startswith('cuda') else f'{torch.get_num_threads()} threads'}), "
+          f"batch {a.batch_size}, {a.steps} timed steps after {a.warmup} warm-up, torch {torch.__version__}")
+    print(f"{'preset':<10}{'input':>6}{'params M':>10}{'GMACs':>8}{'mode':>7}{'samples/s':>11}{'peak MiB':>10}")
+    for preset in a.presets:
+        for amp in modes:
+            r = measure(preset, a.batch_size, a.device, amp, a.steps, a.warmup)
+            peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "-"
+            print(f"{preset:<10}{r['image']:>6}{r['params_m']:>10.2f}{r['gmacs']:>8.3f}{'bf16' if amp else 'fp32':>7}"
+                  f"{r['samples_s']:>11.1f}{peak:>10}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
