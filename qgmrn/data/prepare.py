@@ -1,0 +1,114 @@
+"""Prepared-image cache: every image decoded and resized once to the model's input size into a
+uint8 memory-mapped array, so training epochs do not decode PNGs.
+
+    python -m qgmrn.data.prepare --data-root DIR --size 64 [--splits train val] [--cache-dir D]
+    python -m qgmrn.data.prepare --jsonl train.jsonl --size 224
+
+Files: CACHE/{name}_{size}.u8 (N x size x size x 3) and CACHE/{name}_{size}.json (the image list).
+The trainer uses a cache when one matching the split and size is present.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from ..preprocess import load_rgb, resize_uint8
+from .sources import DataError, load_clevr, load_jsonl
+
+DEFAULT_CACHE = "qgmrn-cache"
+
+
+def cache_paths(cache_dir: str | os.PathLike, name: str, size: int) -> tuple[Path, Path]:
+    base = Path(cache_dir) / f"{name}_{size}"
+    return base.with_suffix(".u8"), base.with_suffix(".json")
+
+
+def _load_block(args):
+    paths, size = args
+    return np.stack([resize_uint8(load_rgb(p), size) for p in paths])
+
+
+def prepare(images: list[str], cache_dir: str | os.PathLike, name: str, size: int,
+            workers: int | None = None) -> Path:
+    """Decode and resize each distinct image once; write the cache atomically."""
+    images = sorted(set(images))
+    data_path, index_path = cache_paths(cache_dir, name, size)
+    data_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = data_path.with_suffix(".u8.tmp")
+    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(images), size, size, 3))
+    block = 64
+    jobs = [(images[i:i + block], size) for i in range(0, len(images), block)]
+    with ProcessPoolExecutor(workers or os.cpu_count() or 1) as pool:
+        for k, chunk in enumerate(pool.map(_load_block, jobs)):
+            arr[k * block:k * block + len(chunk)] = chunk
+    arr.flush()
+    del arr
+    os.replace(tmp, data_path)
+    with open(index_path.with_suffix(".json.tmp"), "w") as f:
+        json.dump({"size": size, "count": len(images), "images": images}, f)
+    os.replace(index_path.with_suffix(".json.tmp"), index_path)
+    return data_path
+
+
+class ImageCache:
+    """Read side: image path -> (size, size, 3) uint8 row of the memory map."""
+
+    def __init__(self, cache_dir: str | os.PathLike, name: str, size: int):
+        data_path, index_path = cache_paths(cache_dir, name, size)
+        with open(index_path) as f:
+            index = json.load(f)
+        self.size = size
+        self.rows = {p: i for i, p in enumerate(index["images"])}
+        self.array = np.load(data_path, mmap_mode="r")
+        if self.array.shape != (index["count"], size, size, 3):
+            raise DataError(f"image cache {data_path} does not match its index; run qgmrn.data.prepare again")
+
+    @classmethod
+    def find(cls, cache_dir: str | os.PathLike, name: str, size: int) -> "ImageCache | None":
+        data_path, index_path = cache_paths(cache_dir, name, size)
+        return cls(cache_dir, name, size) if data_path.exists() and index_path.exists() else None
+
+    def covers(self, images) -> bool:
+        return all(p in self.rows for p in images)
+
+    def get(self, path: str) -> np.ndarray:
+        return self.array[self.rows[path]]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m qgmrn.data.prepare", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data-root", help="CLEVR layout root (generated or the real download)")
+    src.add_argument("--jsonl", nargs="+", help="JSON-lines files, one per split")
+    ap.add_argument("--size", type=int, required=True, help="the model's input size (config image_size)")
+    ap.add_argument("--splits", nargs="+", default=["train", "val"])
+    ap.add_argument("--cache-dir", help=f"default: DATA_ROOT/{DEFAULT_CACHE} or beside the JSONL file")
+    ap.add_argument("--workers", type=int)
+    a = ap.parse_args(argv)
+    try:
+        if a.data_root:
+            todo = [(s, load_clevr(a.data_root, s, require_answers=False),
+                     a.cache_dir or Path(a.data_root) / DEFAULT_CACHE) for s in a.splits]
+        else:
+            todo = [(Path(p).stem, load_jsonl(p, require_answers=False), a.cache_dir or Path(p).parent / DEFAULT_CACHE)
+                    for p in a.jsonl]
+        for name, samples, cache_dir in todo:
+            t = time.perf_counter()
+            path = prepare([s.image for s in samples], cache_dir, name, a.size, a.workers)
+            print(f"{name}: {len({s.image for s in samples})} images -> {path} ({time.perf_counter() - t:.1f} s)")
+    except (DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

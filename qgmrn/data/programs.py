@@ -1,0 +1,98 @@
+"""CLEVR's vocabulary of attributes, question types, and an executor for functional programs.
+
+Torch-free. The executor runs programs in the CLEVR v1.0 release schema (a list of nodes
+{"function", "inputs", "value_inputs"} in topological order) on CLEVR scene graphs, for the
+generator's answers and for checking real CLEVR files.
+"""
+from __future__ import annotations
+
+ATTRIBUTES = {
+    "shape": ("cube", "sphere", "cylinder"),
+    "color": ("gray", "red", "blue", "green", "brown", "purple", "cyan", "yellow"),
+    "size": ("large", "small"),
+    "material": ("rubber", "metal"),
+}
+RELATIONS = ("left", "right", "front", "behind")
+
+# The paper's five question types (Table 1 columns) from a program's last function.
+QUESTION_TYPES = ("count", "exist", "compare_numbers", "query_attribute", "compare_attribute")
+SUBTYPES = ("count", "exist", "equal_integer", "less_than", "greater_than",
+            "query_size", "query_color", "query_material", "query_shape",
+            "equal_size", "equal_color", "equal_material", "equal_shape")
+
+
+def question_type(subtype: str) -> str:
+    if subtype in ("count", "exist"):
+        return subtype
+    if subtype in ("equal_integer", "less_than", "greater_than"):
+        return "compare_numbers"
+    if subtype.startswith("query_"):
+        return "query_attribute"
+    if subtype.startswith("equal_"):
+        return "compare_attribute"
+    raise ValueError(f"not a CLEVR question subtype: {subtype!r}")
+
+
+def program_subtype(program: list[dict]) -> str:
+    """The 13-way subtype: the program's last function (paper 4.6, Figure 2)."""
+    fn = _fn(program[-1])
+    if fn not in SUBTYPES:
+        raise ValueError(f"program ends in {fn!r}, which is not one of CLEVR's 13 subtypes")
+    return fn
+
+
+def _fn(node: dict) -> str:
+    return node.get("function", node.get("type"))
+
+
+class ProgramError(ValueError):
+    pass
+
+
+def execute(program: list[dict], scene: dict):
+    """Run a program on a scene; returns the answer as CLEVR writes it ("yes", "3", "red")."""
+    objs = scene["objects"]
+    rel = scene["relationships"]
+    outs: list = []
+    for node in program:
+        fn, args = _fn(node), [outs[i] for i in node.get("inputs", [])]
+        vals = node.get("value_inputs", node.get("side_inputs", []))
+        outs.append(_step(fn, args, vals, objs, rel))
+    ans = outs[-1]
+    if isinstance(ans, bool):
+        return "yes" if ans else "no"
+    return str(ans)
+
+
+def _step(fn, args, vals, objs, rel):
+    if fn == "scene":
+        return list(range(len(objs)))
+    if fn.startswith("filter_"):
+        attr = fn[len("filter_"):]
+        return [i for i in args[0] if objs[i][attr] == vals[0]]
+    if fn == "unique":
+        if len(args[0]) != 1:
+            raise ProgramError(f"unique on {len(args[0])} objects")
+        return args[0][0]
+    if fn == "relate":
+        return sorted(rel[vals[0]][args[0]])
+    if fn == "count":
+        return len(args[0])
+    if fn == "exist":
+        return len(args[0]) > 0
+    if fn.startswith("query_"):
+        return objs[args[0]][fn[len("query_"):]]
+    if fn.startswith("same_"):
+        attr, i = fn[len("same_"):], args[0]
+        return [j for j in range(len(objs)) if j != i and objs[j][attr] == objs[i][attr]]
+    if fn == "union":
+        return sorted(set(args[0]) | set(args[1]))
+    if fn == "intersect":
+        return sorted(set(args[0]) & set(args[1]))
+    if fn in ("equal_integer", "equal_color", "equal_shape", "equal_size", "equal_material"):
+        return args[0] == args[1]
+    if fn == "less_than":
+        return args[0] < args[1]
+    if fn == "greater_than":
+        return args[0] > args[1]
+    raise ProgramError(f"unknown CLEVR function {fn!r}")

@@ -1,0 +1,159 @@
+"""Readers for the three data layouts; pure Python, torch-free. Each returns a list of Sample.
+
+- CLEVR v1.0 (the real download or qgmrn.data.generate output):
+  ROOT/questions/CLEVR_{split}_questions.json, ROOT/images/{split}/*.png
+- CLEVR-Humans: a JSON file {"questions": [...]} without programs; images from a CLEVR root
+- JSON lines for users' own data: one {"image": path relative to the file, "question", "answer"}
+  object per line; one file per split
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .programs import program_subtype, question_type
+
+
+class DataError(ValueError):
+    """Data that cannot be used, with the file and record it comes from."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    image: str                       # absolute or root-relative image path
+    question: str
+    answer: str | None               # None where the split has no answers (CLEVR test)
+    qtype: str | None = None         # one of the paper's five types, where a program tells
+    subtype: str | None = None       # one of CLEVR's 13 subtypes (last program function)
+
+
+def _read_json(path: Path):
+    if not path.exists():
+        raise DataError(f"file not found: {path}")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from e
+
+
+def _field(rec, key, path, i, kind=str):
+    if not isinstance(rec, dict) or key not in rec:
+        raise DataError(f"{path}: record {i}: missing field {key!r}")
+    value = rec[key]
+    if not isinstance(value, kind):
+        raise DataError(f"{path}: record {i}: field {key!r} should be {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _check_images(samples: list[Sample], source: Path) -> None:
+    missing = [s.image for s in samples if not os.path.exists(s.image)]
+    if missing:
+        raise DataError(f"{source}: {len(missing)} image(s) not found, first: {missing[0]}")
+
+
+def clevr_questions_path(root: str | os.PathLike, split: str) -> Path:
+    return Path(root) / "questions" / f"CLEVR_{split}_questions.json"
+
+
+def load_clevr(root: str | os.PathLike, split: str, require_answers: bool = True) -> list[Sample]:
+    """Questions of one CLEVR split; question type and subtype come from each program."""
+    root = Path(root)
+    path = clevr_questions_path(root, split)
+    data = _read_json(path)
+    records = data.get("questions") if isinstance(data, dict) else None
+    if not isinstance(records, list):
+        raise DataError(f"{path}: expected an object with a 'questions' list (CLEVR v1.0 schema)")
+    image_dir = root / "images" / split
+    samples = []
+    for i, rec in enumerate(records):
+        question = _field(rec, "question", path, i)
+        filename = _field(rec, "image_filename", path, i)
+        answer = rec.get("answer")
+        if answer is None and require_answers:
+            raise DataError(f"{path}: record {i}: question {question!r} has no answer in a training split")
+        subtype = qtype = None
+        if rec.get("program"):
+            try:
+                subtype = program_subtype(rec["program"])
+            except (ValueError, KeyError, TypeError, IndexError) as e:
+                raise DataError(f"{path}: record {i}: bad program ({e})") from e
+            qtype = question_type(subtype)
+        samples.append(Sample(str(image_dir / filename), question, None if answer is None else str(answer),
+                              qtype, subtype))
+    _check_images(samples, path)
+    return samples
+
+
+def load_humans(path: str | os.PathLike, image_dir: str | os.PathLike, require_answers: bool = True
+                ) -> list[Sample]:
+    """CLEVR-Humans questions (free-form, no programs) on images in image_dir."""
+    path = Path(path)
+    data = _read_json(path)
+    records = data.get("questions") if isinstance(data, dict) else data
+    if not isinstance(records, list):
+        raise DataError(f"{path}: expected a 'questions' list (CLEVR-Humans layout)")
+    samples = []
+    for i, rec in enumerate(records):
+        question = _field(rec, "question", path, i)
+        filename = _field(rec, "image_filename", path, i)
+        answer = rec.get("answer")
+        if answer is None and require_answers:
+            raise DataError(f"{path}: record {i}: question {question!r} has no answer in a training split")
+        samples.append(Sample(str(Path(image_dir) / filename), question, None if answer is None else str(answer)))
+    _check_images(samples, path)
+    return samples
+
+
+def load_jsonl(path: str | os.PathLike, require_answers: bool = True) -> list[Sample]:
+    """Users' own data: one JSON object per line, image path relative to the file."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"file not found: {path}")
+    samples = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {lineno}: not valid JSON ({e})") from e
+            where = f"line {lineno}"
+            image = _field(rec, "image", path, where)
+            question = _field(rec, "question", path, where)
+            answer = rec.get("answer")
+            if answer is None and require_answers:
+                raise DataError(f"{path}: {where}: question {question!r} has no answer in a training split")
+            samples.append(Sample(str((path.parent / image).resolve()), question,
+                                  None if answer is None else str(answer), rec.get("type"), rec.get("subtype")))
+    if not samples:
+        raise DataError(f"{path}: no records")
+    _check_images(samples, path)
+    return samples
+
+
+def answer_list(samples: list[Sample]) -> list[str]:
+    """The answer classes of a training split, sorted."""
+    return sorted({s.answer for s in samples if s.answer is not None})
+
+
+def majority_baseline(train: list[Sample], val: list[Sample]) -> dict:
+    """Accuracy on val of always answering the training split's most common answer, overall and
+    per question type (each type's own most common answer)."""
+    from collections import Counter, defaultdict
+
+    overall = Counter(s.answer for s in train).most_common(1)[0][0]
+    by_type = defaultdict(Counter)
+    for s in train:
+        by_type[s.qtype][s.answer] += 1
+    out = {"overall": sum(s.answer == overall for s in val) / max(1, len(val))}
+    hits, totals = defaultdict(int), defaultdict(int)
+    for s in val:
+        totals[s.qtype] += 1
+        guess = by_type[s.qtype].most_common(1)[0][0] if by_type[s.qtype] else overall
+        hits[s.qtype] += s.answer == guess
+    out["per_type_majority"] = {t: hits[t] / totals[t] for t in totals if t is not None}
+    return out
