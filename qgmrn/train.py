@@ -77,7 +77,7 @@ def question_limit(samples) -> int:
 
 def default_data_dir(images: int) -> Path:
     base = Path(os.environ.get("QGMRN_CACHE", Path.home() / ".cache" / "qgmrn"))
-    return base / f"clevr-generated-v2-{images}"
+    return base / f"clevr-generated-v3-{images}"
 
 
 # -- data ------------------------------------------------------------------------------------

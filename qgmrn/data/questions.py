@@ -77,15 +77,24 @@ def count_plain(scene, rng):
     return f"How many {phrase(desc, rng, True)} are there?", p.nodes
 
 
-def count_relate(scene, rng):
+def _relate(scene, rng, final: str, max_attrs: int):
+    """[final](filter(relate(unique(reference)))): (program, reference desc, relation, filter desc)."""
     ref = _the(scene, rng)
     if ref is None:
         return None
-    rel, desc = rng.choice(list(REL_WORDS)), random_desc(rng, 1)
+    rel, desc = rng.choice(list(REL_WORDS)), random_desc(rng, max_attrs)
     p = Program()
     u = p.add("unique", [p.filters(p.add("scene"), ref[1])])
-    p.add("count", [p.filters(p.add("relate", [u], [rel]), desc)])
-    return f"How many {phrase(desc, rng, True)} are {REL_WORDS[rel]} the {phrase(ref[1], rng)}?", p.nodes
+    p.add(final, [p.filters(p.add("relate", [u], [rel]), desc)])
+    return p.nodes, ref[1], rel, desc
+
+
+def count_relate(scene, rng):
+    made = _relate(scene, rng, "count", 1)
+    if made is None:
+        return None
+    nodes, ref, rel, desc = made
+    return f"How many {phrase(desc, rng, True)} are {REL_WORDS[rel]} the {phrase(ref, rng)}?", nodes
 
 
 def exist_plain(scene, rng):
@@ -96,14 +105,11 @@ def exist_plain(scene, rng):
 
 
 def exist_relate(scene, rng):
-    ref = _the(scene, rng)
-    if ref is None:
+    made = _relate(scene, rng, "exist", 2)
+    if made is None:
         return None
-    rel, desc = rng.choice(list(REL_WORDS)), random_desc(rng)
-    p = Program()
-    u = p.add("unique", [p.filters(p.add("scene"), ref[1])])
-    p.add("exist", [p.filters(p.add("relate", [u], [rel]), desc)])
-    return f"Is there a {phrase(desc, rng)} {REL_WORDS[rel]} the {phrase(ref[1], rng)}?", p.nodes
+    nodes, ref, rel, desc = made
+    return f"Is there a {phrase(desc, rng)} {REL_WORDS[rel]} the {phrase(ref, rng)}?", nodes
 
 
 def query_plain(scene, rng):

@@ -2,8 +2,9 @@
 painted back to front so nearer objects occlude farther ones, each with a shadow.
 
 Visible cues: shape (cube = box with a lit top, sphere = shaded disc, cylinder = body with an
-elliptic top), size (large objects about 1.8x small ones at equal depth), material (metal: strong
-specular highlight and darker rim; rubber: matte), colour (CLEVR's 8), depth (higher in the image
+elliptic top), size (large objects 2x small ones, perspective at most 1.3x), material (metal: a
+large white specular highlight, still visible when the image is shrunk to 64 px, and high
+contrast shading; rubber: matte, no highlight), colour (CLEVR's 8), depth (higher in the image
 and smaller when farther away).
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ COLORS = {  # CLEVR's palette
     "gray": (87, 87, 87), "red": (173, 35, 35), "blue": (42, 75, 215), "green": (29, 105, 20),
     "brown": (129, 74, 25), "purple": (129, 38, 192), "cyan": (41, 208, 208), "yellow": (255, 238, 51),
 }
-RADIUS = {"large": 44.0, "small": 24.0}
+RADIUS = {"large": 44.0, "small": 22.0}
 # Ground coordinates: x in [-3, 3] (right), y in [-3, 3] (behind). Directions are axis aligned.
 DIRECTIONS = {"right": [1.0, 0.0, 0.0], "left": [-1.0, 0.0, 0.0], "behind": [0.0, 1.0, 0.0],
               "front": [0.0, -1.0, 0.0], "above": [0.0, 0.0, 1.0], "below": [0.0, 0.0, -1.0]}
@@ -28,7 +29,9 @@ DIRECTIONS = {"right": [1.0, 0.0, 0.0], "left": [-1.0, 0.0, 0.0], "behind": [0.0
 
 def _project(x: float, y: float) -> tuple[float, float, float]:
     """Ground point -> pixel x, pixel y, perspective scale (farther = higher and smaller)."""
-    scale = 1.0 - 0.09 * y                         # 1.27 at the front edge, 0.73 at the back
+    # Mild perspective (1.13 at the front edge, 0.87 at the back), so that a large object is
+    # larger than a small one wherever both stand, as in CLEVR's renders.
+    scale = 1.0 - 0.05 * y
     px = WIDTH / 2 + x * 62.0 * scale
     py = 205.0 - y * 30.0 + 18.0                   # back row near 133, front row near 313
     return px, py - 18.0 * (1 - scale), scale
@@ -98,6 +101,12 @@ def render(scene: dict) -> Image.Image:
     return im
 
 
+def _highlight(d: ImageDraw.ImageDraw, x: float, y: float, r: float):
+    """Specular highlight of a metal object: a white disc with a soft edge."""
+    d.ellipse([x - r, y - r, x + r, y + r], fill=(205, 205, 210, 255))
+    d.ellipse([x - 0.6 * r, y - 0.6 * r, x + 0.6 * r, y + 0.6 * r], fill=(252, 252, 252, 255))
+
+
 def _draw_object(d: ImageDraw.ImageDraw, o: dict):
     px, py, _ = o["pixel_coords"]
     r = o["_r"]
@@ -114,9 +123,7 @@ def _draw_object(d: ImageDraw.ImageDraw, o: dict):
             f = 0.55 + 0.6 * t if not metal else 0.35 + 0.9 * t
             d.ellipse([cx - rr - off, cy - rr - off, cx + rr - off, cy + rr - off], fill=_shade(base, f) + (255,))
         if metal:
-            h = r * 0.22
-            d.ellipse([cx - r * 0.45 - h, cy - r * 0.45 - h, cx - r * 0.45 + h, cy - r * 0.45 + h],
-                      fill=(250, 250, 250, 255))
+            _highlight(d, cx - r * 0.35, cy - r * 0.35, r * 0.33)
     elif o["shape"] == "cube":
         s = r * 0.85                                # half edge of the front face
         depth = s * 0.55
@@ -128,9 +135,8 @@ def _draw_object(d: ImageDraw.ImageDraw, o: dict):
         d.polygon(side, fill=_shade(base, 0.45 if metal else 0.62) + (255,))
         d.polygon(front, fill=_shade(base, 0.85) + (255,))
         d.polygon(top, fill=_mix(base, (255, 255, 255), 0.55 if metal else 0.25) + (255,))
-        if metal:                                   # a bright streak and a dark rim
-            d.line([(px - s * 0.7, py - s * 1.7), (px + s * 0.2, py - s * 0.4)], fill=(245, 245, 245, 255),
-                   width=max(2, int(s * 0.18)))
+        if metal:                                   # a large highlight and a dark rim
+            _highlight(d, px - s * 0.35, py - s * 1.3, s * 0.38)
             d.polygon(front, outline=_shade(base, 0.35) + (255,))
     else:                                           # cylinder
         w = r * 0.85
@@ -142,4 +148,4 @@ def _draw_object(d: ImageDraw.ImageDraw, o: dict):
         d.ellipse([px - w, py - hgt - e, px + w, py - hgt + e],
                   fill=_mix(base, (255, 255, 255), 0.5 if metal else 0.22) + (255,))
         if metal:
-            d.rectangle([px - w * 0.55, py - hgt * 0.85, px - w * 0.3, py - hgt * 0.1], fill=(245, 245, 245, 255))
+            _highlight(d, px - w * 0.4, py - hgt * 0.5, w * 0.36)

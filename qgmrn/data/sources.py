@@ -58,15 +58,16 @@ def clevr_questions_path(root: str | os.PathLike, split: str) -> Path:
     return Path(root) / "questions" / f"CLEVR_{split}_questions.json"
 
 
-def load_clevr(root: str | os.PathLike, split: str, require_answers: bool = True) -> list[Sample]:
-    """Questions of one CLEVR split; question type and subtype come from each program."""
-    root = Path(root)
-    path = clevr_questions_path(root, split)
+def _question_list(path: Path, layout: str) -> list:
     data = _read_json(path)
-    records = data.get("questions") if isinstance(data, dict) else None
+    records = data.get("questions") if isinstance(data, dict) else data
     if not isinstance(records, list):
-        raise DataError(f"{path}: expected an object with a 'questions' list (CLEVR v1.0 schema)")
-    image_dir = root / "images" / split
+        raise DataError(f"{path}: expected an object with a 'questions' list ({layout} layout)")
+    return records
+
+
+def _from_records(records: list, path: Path, image_dir: Path, require_answers: bool) -> list[Sample]:
+    """CLEVR-schema records -> samples; type and subtype from the program where there is one."""
     samples = []
     for i, rec in enumerate(records):
         question = _field(rec, "question", path, i)
@@ -87,24 +88,17 @@ def load_clevr(root: str | os.PathLike, split: str, require_answers: bool = True
     return samples
 
 
+def load_clevr(root: str | os.PathLike, split: str, require_answers: bool = True) -> list[Sample]:
+    """Questions of one CLEVR split; question type and subtype come from each program."""
+    path = clevr_questions_path(root, split)
+    return _from_records(_question_list(path, "CLEVR v1.0"), path, Path(root) / "images" / split, require_answers)
+
+
 def load_humans(path: str | os.PathLike, image_dir: str | os.PathLike, require_answers: bool = True
                 ) -> list[Sample]:
     """CLEVR-Humans questions (free-form, no programs) on images in image_dir."""
     path = Path(path)
-    data = _read_json(path)
-    records = data.get("questions") if isinstance(data, dict) else data
-    if not isinstance(records, list):
-        raise DataError(f"{path}: expected a 'questions' list (CLEVR-Humans layout)")
-    samples = []
-    for i, rec in enumerate(records):
-        question = _field(rec, "question", path, i)
-        filename = _field(rec, "image_filename", path, i)
-        answer = rec.get("answer")
-        if answer is None and require_answers:
-            raise DataError(f"{path}: record {i}: question {question!r} has no answer in a training split")
-        samples.append(Sample(str(Path(image_dir) / filename), question, None if answer is None else str(answer)))
-    _check_images(samples, path)
-    return samples
+    return _from_records(_question_list(path, "CLEVR-Humans"), path, Path(image_dir), require_answers)
 
 
 def load_jsonl(path: str | os.PathLike, require_answers: bool = True) -> list[Sample]:
