@@ -42,7 +42,7 @@ class TrainConfig:
     jsonl: tuple[str, ...] = ()              # (train.jsonl, val.jsonl)
     humans: tuple[str, ...] = ()             # (train.json, val.json), images from data_root
     preset: str = "small"
-    epochs: int = 5
+    epochs: int = 6
     steps: int = 0                           # > 0 overrides epochs
     batch_size: int = 64
     lr: float | None = None                  # None: 3e-4 (paper 4.2), 1e-3 for the CPU presets

@@ -97,7 +97,7 @@ class TrtRunner:
                     allocations.append(ptr)
                     self.context.set_tensor_address(name, int(ptr))
                     results[name] = (out, ptr)
-                if not self.context.execute_async_v3(self._stream):
+                if not self.context.execute_async_v3(int(self._stream)):
                     raise RuntimeError("TensorRT execution failed")
                 for out, ptr in results.values():
                     _check(cudart.cudaMemcpyAsync(out.ctypes.data, ptr, out.nbytes, D2H, self._stream))
