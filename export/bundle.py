@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import onnx
+
 from qgmrn.checkpoint import load_checkpoint, model_from_checkpoint
 from qgmrn.preprocess import Vocab
 
@@ -93,14 +95,14 @@ def export_checkpoint(checkpoint, out=None, fp16: bool = False, data_root=None, 
         export_s = time.perf_counter() - t0
         log(f"exported {', '.join(p.name for p in artefacts.values())} in {export_s:.1f} s")
 
-        samples, source = parity_samples(data_root, jsonl, parity_n)
-        samples = list(samples) + list(extra_samples)
         vocab = Vocab(list(state["vocab"]))
-        batches = list(make_batches(samples, vocab, model.cfg.image_size))
+        with tempfile.TemporaryDirectory(prefix="qgmrn-parity-") as scratch:
+            samples, source = parity_samples(data_root, jsonl, parity_n, scratch=scratch)
+            samples = list(samples) + list(extra_samples)
+            batches = list(make_batches(samples, vocab, model.cfg.image_size))
         reference = run_torch(model, batches)
         report = {"checkpoint": str(checkpoint), "checkpoint_sha256": sha, "inputs": source,
                   "samples": len(samples), "export_seconds": round(export_s, 2), "artefacts": {}}
-        import onnx
         for precision, path in artefacts.items():
             result = compare(reference, run_onnxruntime(path, batches), model.cfg.layer_sizes,
                              TOLERANCES[precision])

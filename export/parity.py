@@ -31,15 +31,17 @@ TOLERANCES = {
 }
 
 
-def parity_samples(data_root=None, jsonl=None, n: int = 300, seed: int = 0) -> tuple[list[Sample], str]:
-    """Real inputs for parity: given data, or a freshly generated CLEVR-style val split."""
+def parity_samples(data_root=None, jsonl=None, n: int = 300, seed: int = 0, scratch=None
+                   ) -> tuple[list[Sample], str]:
+    """Real inputs for parity: given data, or a CLEVR-style val split generated into `scratch`
+    (a directory the caller removes once the images are read)."""
     if jsonl:
         samples, source = load_jsonl(jsonl, require_answers=False), str(jsonl)
     elif data_root:
         samples, source = load_clevr(data_root, "val", require_answers=False), f"{data_root} (val)"
     else:
         from qgmrn.data.generate import generate
-        root = Path(tempfile.mkdtemp(prefix="qgmrn-parity-"))
+        root = Path(scratch or tempfile.mkdtemp(prefix="qgmrn-parity-"))
         generate(root, images=1, val_images=max(1, n // 8), questions=8, seed=seed + 1, workers=1,
                  log=lambda *a: None)
         samples, source = load_clevr(root, "val"), "generated CLEVR-style val images"

@@ -16,9 +16,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from .config import ModelConfig
 from .data.datasets import VQADataset, collate
+from .data.prepare import DEFAULT_CACHE, ImageCache
 from .data.programs import QUESTION_TYPES, SUBTYPES
-from .data.sources import DataError, Sample
+from .data.sources import DataError, Sample, load_clevr, load_jsonl
+from .preprocess import Vocab
 
 TYPE_TITLES = {"count": "Count", "exist": "Exist", "compare_numbers": "Compare Numbers",
                "query_attribute": "Query Attribute", "compare_attribute": "Compare Attribute"}
@@ -129,9 +132,18 @@ def write_plots(result: dict, out_dir: str | Path, metrics_file: str | Path | No
     return written
 
 
+def build_eval_dataset(state: dict, data_root, jsonl, split: str) -> VQADataset:
+    cfg = ModelConfig.from_dict(state["model_config"])
+    if jsonl:
+        samples, cache_dir, name = load_jsonl(jsonl), Path(jsonl).parent / DEFAULT_CACHE, Path(jsonl).stem
+    else:
+        samples, cache_dir, name = load_clevr(data_root, split), Path(data_root) / DEFAULT_CACHE, split
+    cache = ImageCache.find(cache_dir, name, cfg.image_size)
+    return VQADataset(samples, Vocab(list(state["vocab"])), list(state["answers"]), cfg.image_size, cache)
+
+
 def main(argv=None) -> int:
     from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-    from .train import build_eval_dataset
 
     ap = argparse.ArgumentParser(prog="python -m qgmrn.evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

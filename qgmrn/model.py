@@ -183,6 +183,23 @@ def create_model(name_or_cfg: str | ModelConfig, **overrides) -> QGMRN:
     return QGMRN(cfg)
 
 
+def grow_model(model: QGMRN, vocab_size: int, num_answers: int) -> QGMRN:
+    """A copy of `model` with more word embeddings and answer classes (fine-tuning on new data):
+    existing ids keep their weights, new rows start fresh (FiLM's approach for CLEVR-Humans)."""
+    cfg = model.cfg
+    if vocab_size == cfg.vocab_size and num_answers == cfg.num_answers:
+        return model
+    new = QGMRN(cfg.replace(vocab_size=vocab_size, num_answers=num_answers))
+    old_state, new_state = model.state_dict(), new.state_dict()
+    for k, v in old_state.items():
+        if new_state[k].shape == v.shape:
+            new_state[k] = v
+        else:                                   # embedding rows or final classifier rows
+            new_state[k][:v.shape[0]] = v
+    new.load_state_dict(new_state)
+    return new
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -31,7 +31,7 @@ from .data.datasets import VQADataset, collate
 from .data.prepare import DEFAULT_CACHE, ImageCache, prepare
 from .data.sources import DataError, answer_list, load_clevr, load_humans, load_jsonl, majority_baseline
 from .evaluate import evaluate_model, format_table, public
-from .model import QGMRN
+from .model import QGMRN, grow_model
 from .preprocess import Vocab, tokenize
 from .routing import load_balancing_loss
 
@@ -108,34 +108,7 @@ def _cache(cache_dir, name, size, samples, build: bool):
     return ImageCache(cache_dir, name, size)
 
 
-def build_eval_dataset(state: dict, data_root, jsonl, split: str) -> VQADataset:
-    cfg = ModelConfig.from_dict(state["model_config"])
-    if jsonl:
-        samples, cache_dir, name = load_jsonl(jsonl), Path(jsonl).parent / DEFAULT_CACHE, Path(jsonl).stem
-    else:
-        samples, cache_dir, name = load_clevr(data_root, split), Path(data_root) / DEFAULT_CACHE, split
-    cache = ImageCache.find(cache_dir, name, cfg.image_size)
-    return VQADataset(samples, Vocab(list(state["vocab"])), list(state["answers"]), cfg.image_size, cache)
-
-
 # -- model set-up ------------------------------------------------------------------------------
-def grow_model(model: QGMRN, vocab_size: int, num_answers: int) -> QGMRN:
-    """A copy of `model` with more word embeddings and answer classes (fine-tuning on new data):
-    existing ids keep their weights, new rows start fresh (FiLM's approach for CLEVR-Humans)."""
-    cfg = model.cfg
-    if vocab_size == cfg.vocab_size and num_answers == cfg.num_answers:
-        return model
-    new = QGMRN(cfg.replace(vocab_size=vocab_size, num_answers=num_answers))
-    old_state, new_state = model.state_dict(), new.state_dict()
-    for k, v in old_state.items():
-        if new_state[k].shape == v.shape:
-            new_state[k] = v
-        else:                                   # embedding rows or final classifier rows
-            new_state[k][:v.shape[0]] = v
-    new.load_state_dict(new_state)
-    return new
-
-
 def resolve_lr(cfg: TrainConfig, mcfg: ModelConfig) -> TrainConfig:
     """Unless given: the paper's 3e-4, or 1e-3 for CPU-sized models (input <= 96 px), which
     learn faster with it in the few epochs a CPU affords."""

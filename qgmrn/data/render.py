@@ -9,7 +9,6 @@ and smaller when farther away).
 """
 from __future__ import annotations
 
-import math
 import random
 
 from PIL import Image, ImageDraw
