@@ -9,7 +9,6 @@ from torch import nn
 from qgmrn.model import PAD_LOGIT, QGMRN, LayerNorm32
 
 INPUT_NAMES = ("image", "tokens", "lengths")
-OUTPUT_NAMES = ("logits", "gates", "route_logits")
 
 
 class TestTimeModel(nn.Module):

@@ -16,14 +16,14 @@ from qgmrn.config import ModelConfig
 from qgmrn.model import QGMRN
 from qgmrn.preprocess import MEAN, STD
 
-from .graph import INPUT_NAMES, OUTPUT_NAMES, TestTimeModel
+from runtime.backends import METADATA_FORMAT, METADATA_KEY, METADATA_VERSION
+from runtime.backends import OUTPUTS as OUTPUT_NAMES
+
+from .graph import INPUT_NAMES, TestTimeModel
 
 # Opset 18: GroupNorm decomposes into InstanceNormalization pieces that TensorRT and onnxruntime
 # both run; opset 21's native GroupNormalization node fails to parse in several TensorRT versions.
 OPSET = 18
-METADATA_KEY = "qgmrn"
-METADATA_FORMAT = "qgmrn-onnx"
-METADATA_VERSION = 1
 # Nodes of the routing path (question encoder, routing FC, threshold) get this name prefix, so a
 # TensorRT 10 build can pin exactly those layers to float32.
 ROUTING_PREFIX = "routing/"

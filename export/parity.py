@@ -11,6 +11,8 @@ import torch
 from qgmrn.data.sources import Sample, load_clevr, load_jsonl
 from qgmrn.preprocess import Vocab, encode_batch, preprocess_image
 
+from runtime.backends import OUTPUTS as OUTPUT_NAMES
+
 # Decisions whose route logit lies within EPS of 0 may legitimately flip between backends.
 EPS = 1e-3
 
@@ -63,7 +65,7 @@ def make_batches(samples: list[Sample], vocab: Vocab, image_size: int, batch: in
 
 def run_torch(model, batches, device="cpu") -> dict[str, np.ndarray]:
     model = model.eval().to(device)
-    outs = {"logits": [], "gates": [], "route_logits": []}
+    outs = {k: [] for k in OUTPUT_NAMES}
     with torch.no_grad():
         for images, tokens, lengths in batches:
             o = model(torch.from_numpy(images).to(device), torch.from_numpy(tokens).to(device),
@@ -73,16 +75,23 @@ def run_torch(model, batches, device="cpu") -> dict[str, np.ndarray]:
     return {k: np.concatenate(v) for k, v in outs.items()}
 
 
-def run_onnxruntime(path, batches) -> dict[str, np.ndarray]:
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    outs = {"logits": [], "gates": [], "route_logits": []}
+def run_backend(runner, batches, max_batch: int | None = None) -> dict[str, np.ndarray]:
+    """A runtime runner (onnxruntime or TensorRT) on the parity batches, split to max_batch."""
+    outs = {k: [] for k in OUTPUT_NAMES}
     for images, tokens, lengths in batches:
-        o = sess.run(list(outs), {"image": images, "tokens": tokens, "lengths": lengths})
-        for k, v in zip(outs, o):
-            outs[k].append(np.asarray(v, dtype=np.float32))
+        step = max_batch or len(images)
+        for i in range(0, len(images), step):
+            got = runner.run({"image": images[i:i + step], "tokens": tokens[i:i + step],
+                              "lengths": lengths[i:i + step]})
+            for k in outs:
+                outs[k].append(np.asarray(got[k], dtype=np.float32))
     return {k: np.concatenate(v) for k, v in outs.items()}
+
+
+def run_onnxruntime(path, batches) -> dict[str, np.ndarray]:
+    """The artefact through the runtime's own onnxruntime runner (CPU), metadata check included."""
+    from runtime.backends import OnnxRuntimeRunner
+    return run_backend(OnnxRuntimeRunner(path, "cpu"), batches)
 
 
 def compare(reference: dict, other: dict, layer_sizes, tolerance: Tolerance, eps: float = EPS) -> dict:

@@ -14,10 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from .bundle import ONNX_FP16_NAME, ONNX_NAME, ExportError, publish, write_report
-from .parity import TOLERANCES, compare
+from .parity import TOLERANCES, compare, run_backend
 from .to_onnx import add_common_args, exit_code, run_export
 from .trt import EngineOptions, build_engine, missing_requirements
 
@@ -77,14 +75,7 @@ def engine_parity(engine: Path, staged, max_batch: int, tolerance) -> dict:
     """PyTorch (the staged reference outputs) vs the engine on the same parity batches."""
     from runtime.trt_engine import TrtRunner
     runner = TrtRunner(engine)
-    outs = {"logits": [], "gates": [], "route_logits": []}
-    for images, tokens, lengths in staged.batches:
-        for i in range(0, len(images), max_batch):
-            got = runner.run({"image": images[i:i + max_batch], "tokens": tokens[i:i + max_batch],
-                              "lengths": lengths[i:i + max_batch]})
-            for k in outs:
-                outs[k].append(got[k])
-    other = {k: np.concatenate(v) for k, v in outs.items()}
+    other = run_backend(runner, staged.batches, max_batch)
     result = compare(staged.reference, other, staged.model.cfg.layer_sizes, tolerance)
     result.update(file=engine.name, bytes=engine.stat().st_size, backend=f"TensorRT {runner.info['tensorrt_version']}",
                   gpu=runner.info["gpu_name"], compute_capability=runner.info["compute_capability"])

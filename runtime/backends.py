@@ -14,8 +14,10 @@ from .errors import ModelError
 log = logging.getLogger("runtime")
 OUTPUTS = ("logits", "gates", "route_logits")
 ENGINE_SUFFIXES = (".engine", ".plan")
+# The self-description every QGMRN export carries (export.onnx_export writes it, this reads it).
 METADATA_KEY = "qgmrn"
 METADATA_FORMAT = "qgmrn-onnx"
+METADATA_VERSION = 1
 
 
 class OnnxRuntimeRunner:
@@ -68,7 +70,7 @@ def _parse_metadata(raw: str | None, path) -> dict:
         meta = json.loads(raw)
     except json.JSONDecodeError as e:
         raise ModelError(f"{path}: its QGMRN metadata is not valid JSON") from e
-    if meta.get("format") != METADATA_FORMAT or meta.get("format_version") != 1:
+    if meta.get("format") != METADATA_FORMAT or meta.get("format_version") != METADATA_VERSION:
         raise ModelError(f"{path}: metadata format {meta.get('format')!r} v{meta.get('format_version')} "
                          "is not one this runtime reads")
     missing = {"vocab", "answers", "image_size", "max_question_len", "layer_sizes", "mean", "std"} - set(meta)
