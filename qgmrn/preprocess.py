@@ -97,21 +97,11 @@ def load_rgb(image) -> Image.Image:
         path = os.fspath(image)
         if not os.path.exists(path):
             raise ImageError(f"image file not found: {path}")
-        try:
-            with Image.open(path) as im:
-                im.load()
-                return _check_size(im.convert("RGB"), path)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise ImageError(f"cannot read image {path}: {e}") from e
+        return _decode(path, f"image {path}")
     if isinstance(image, (bytes, bytearray, memoryview)):
         if len(image) == 0:
             raise ImageError("image bytes are empty")
-        try:
-            with Image.open(io.BytesIO(image)) as im:
-                im.load()
-                return _check_size(im.convert("RGB"), "image bytes")
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise ImageError(f"cannot decode image bytes: {e}") from e
+        return _decode(io.BytesIO(image), "image bytes")
     if isinstance(image, Image.Image):
         return _check_size(image.convert("RGB"), "PIL image")
     if isinstance(image, np.ndarray):
@@ -126,6 +116,17 @@ def load_rgb(image) -> Image.Image:
         return Image.fromarray(np.ascontiguousarray(image)).convert("RGB")
     raise ImageError(f"unsupported image type {type(image).__name__}: "
                      "give a path, bytes, a PIL image or a uint8 array")
+
+
+def _decode(source, what: str) -> Image.Image:
+    """Decode a file or buffer fully (a truncated PNG fails here, not later) and convert to RGB."""
+    try:
+        with Image.open(source) as im:
+            im.load()
+            rgb = im.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"cannot decode {what}: {e}") from e
+    return _check_size(rgb, what)
 
 
 def _check_size(im: Image.Image, what: str) -> Image.Image:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from qgmrn.preprocess import MEAN, STD, QuestionError, Vocab, encode_batch, preprocess_image
+from qgmrn.preprocess import MEAN, STD, Vocab, encode_batch, preprocess_image
 
 from .backends import open_runner
 from .errors import ModelError
@@ -76,11 +76,7 @@ class Model:
 
     # -- internals ------------------------------------------------------------------------------
     def _predict_chunk(self, images, questions, top_k) -> list[Prediction]:
-        for q in questions:
-            if not isinstance(q, str):
-                raise QuestionError(f"question must be a str, got {type(q).__name__}")
-            if not q.strip():
-                raise QuestionError("question is empty")
+        # encode_batch refuses non-strings, questions without a word and too-long questions
         tokens, lengths, unknown = encode_batch(self.vocab, questions, self.max_question_len)
         pixels = np.stack([preprocess_image(im, self.image_size) for im in images])
         out = self._runner.run({"image": pixels, "tokens": tokens, "lengths": lengths})
