@@ -153,16 +153,7 @@ def parse_override(text: str, cfg_cls=ModelConfig) -> tuple[str, object]:
     if not eq or key not in fields:
         raise ValueError(f"override {text!r} must be field=value with a field of {cfg_cls.__name__}: "
                          f"{', '.join(fields)}")
-    default = getattr(cfg_cls(), key) if _constructible(cfg_cls) else None
-    return key, _convert(raw, default)
-
-
-def _constructible(cls) -> bool:
-    try:
-        cls()
-        return True
-    except TypeError:
-        return False
+    return key, _convert(raw, fields[key].default)       # every field has a default: its type
 
 
 def _convert(raw: str, like):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import random
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 
 from .questions import FAMILIES, AnswerBalancer, make_questions
 from .render import render, sample_scene
+from .sources import write_json_atomic
 
 CHUNK = 50            # images per work unit; each unit has its own seeded RNG and balancer
 
@@ -71,20 +71,14 @@ def generate(out: str | os.PathLike, images: int, val_images: int, questions: in
                 qs += q
             for i, q in enumerate(qs):
                 q["question_index"] = i
-            _write_json(out / "scenes" / f"CLEVR_{split}_scenes.json", {"info": {**info, "split": split}, "scenes": scenes})
-            _write_json(out / "questions" / f"CLEVR_{split}_questions.json",
+            write_json_atomic(out / "scenes" / f"CLEVR_{split}_scenes.json",
+                              {"info": {**info, "split": split}, "scenes": scenes})
+            write_json_atomic(out / "questions" / f"CLEVR_{split}_questions.json",
                         {"info": {**info, "split": split}, "questions": qs})
             stats[split] = (len(scenes), len(qs))
             log(f"{split}: {len(scenes)} images, {len(qs)} questions")
     stats["seconds"] = time.perf_counter() - start
     return stats
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, separators=(",", ":"))
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..preprocess import load_rgb, resize_uint8
-from .sources import DataError, load_clevr, load_jsonl
+from .sources import DataError, load_clevr, load_jsonl, write_json_atomic
 
 DEFAULT_CACHE = "qgmrn-cache"
 
@@ -51,9 +51,7 @@ def prepare(images: list[str], cache_dir: str | os.PathLike, name: str, size: in
     arr.flush()
     del arr
     os.replace(tmp, data_path)
-    with open(index_path.with_suffix(".json.tmp"), "w") as f:
-        json.dump({"size": size, "count": len(images), "images": images}, f)
-    os.replace(index_path.with_suffix(".json.tmp"), index_path)
+    write_json_atomic(index_path, {"size": size, "count": len(images), "images": images})
     return data_path
 
 

@@ -29,6 +29,14 @@ class Sample:
     subtype: str | None = None       # one of CLEVR's 13 subtypes (last program function)
 
 
+def write_json_atomic(path: Path, obj) -> None:
+    """Write JSON to a temporary file beside `path`, then rename: readers never see half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, separators=(",", ":"))
+    os.replace(tmp, path)
+
+
 def _read_json(path: Path):
     if not path.exists():
         raise DataError(f"file not found: {path}")
