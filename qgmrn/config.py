@@ -153,7 +153,11 @@ def parse_override(text: str, cfg_cls=ModelConfig) -> tuple[str, object]:
     if not eq or key not in fields:
         raise ValueError(f"override {text!r} must be field=value with a field of {cfg_cls.__name__}: "
                          f"{', '.join(fields)}")
-    return key, _convert(raw, fields[key].default)       # every field has a default: its type
+    like = fields[key].default                           # every field has a default: its type
+    if like is None:                                     # Optional fields: take the annotation's type
+        kind = str(fields[key].type)
+        like = 0.0 if "float" in kind else 0 if "int" in kind else ""
+    return key, _convert(raw, like)
 
 
 def _convert(raw: str, like):

@@ -166,3 +166,15 @@ def test_padded_batch_gives_each_questions_own_feature(name):
     for i, q in enumerate(questions):
         alone = model.encode_question(torch.tensor([q]), torch.tensor([len(q)]))
         torch.testing.assert_close(batched[i], alone[0], rtol=1e-5, atol=1e-6)
+
+
+def test_field_overrides_take_the_fields_types():
+    from qgmrn.config import parse_override
+    from qgmrn.train import TrainConfig
+    assert parse_override("hidden_dim=256") == ("hidden_dim", 256)
+    assert parse_override("attention=yes") == ("attention", True)
+    assert parse_override("stage_depths=1,2") == ("stage_depths", (1, 2))
+    assert parse_override("lr=0.01", TrainConfig) == ("lr", 0.01)          # Optional[float], default None
+    assert parse_override("data_root=/data/clevr", TrainConfig) == ("data_root", "/data/clevr")
+    with pytest.raises(ValueError, match="field=value"):
+        parse_override("no_such_field=1")
