@@ -288,9 +288,12 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None, resume: str | N
                     vqa = F.cross_entropy(output.logits.float(), labels)
                     lb = load_balancing_loss(output.gates.float(), mcfg.layer_sizes)
                     loss = vqa + cfg.load_weight * lb
-                flags = _all_sum(torch.tensor([float(not torch.isfinite(loss)), float(stop["signal"] is not None)],
-                                              device=device))
-                if flags[0] > 0:
+                # One host sync per step: the non-finite check must precede the update, and every
+                # rank must agree on stopping. Metrics accumulate on the device.
+                nonfinite, stopping = _all_sum(torch.stack([
+                    (~torch.isfinite(loss.detach())).float(),
+                    loss.new_tensor(float(stop["signal"] is not None))])).tolist()
+                if nonfinite > 0:
                     raise TrainingStopped(f"non-finite loss at step {step} (loss {loss.item()}); stopping. "
                                           f"The last good checkpoint is kept at {ckpt_path}; try a lower --lr.", 3)
                 optimizer.zero_grad(set_to_none=True)
@@ -300,9 +303,10 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None, resume: str | N
                 step += 1
                 n = labels.shape[0]
                 with torch.no_grad():
-                    acc += torch.tensor([loss.item() * n, (output.logits.argmax(1) == labels).sum().item(), n,
-                                         output.gates.sum().item() / sum(mcfg.layer_sizes), lb.item() * n],
-                                        dtype=torch.float64, device=device)
+                    acc += torch.stack([loss.detach().float() * n, (output.logits.argmax(1) == labels).sum().float(),
+                                        loss.new_tensor(float(n)),
+                                        output.gates.float().sum() / sum(mcfg.layer_sizes),
+                                        lb.detach().float() * n]).double()
                 if bar is not None:
                     bar.update(1)
                 if step % cfg.log_every == 0 or step == total:
@@ -318,7 +322,7 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None, resume: str | N
                         metrics_file.flush()
                     acc.zero_()
                     t0 = time.perf_counter()
-                if flags[1] > 0:
+                if stopping > 0:
                     save()
                     sig = stop["signal"] or signal.SIGTERM
                     raise TrainingStopped(f"stopped by {signal.Signals(sig).name} at step {step}; "
