@@ -3,13 +3,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import warnings
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
+from onnx import numpy_helper
 
 import qgmrn
 from qgmrn.config import ModelConfig
@@ -27,6 +31,9 @@ OPSET = 18
 # Nodes of the routing path (question encoder, routing FC, threshold) get this name prefix, so a
 # TensorRT 10 build can pin exactly those layers to float32.
 ROUTING_PREFIX = "routing/"
+# onnxruntime's fast CPU convolutions (NCHWc layout) take grouped convs only when every group has
+# a multiple of 16 channels (the AVX-512 block; 8 on AVX2). BRN's branches have 2-8.
+NCHWC_GROUP_CHANNELS = 16
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -82,6 +89,8 @@ def export_onnx(model: QGMRN, path: str | os.PathLike, metadata: dict, fp16: boo
                           dynamic_axes=dynamic, do_constant_folding=True)
     proto = onnx.load(str(path))
     mark_routing_nodes(proto)
+    if not fp16:
+        metadata = {**metadata, "merged_conv_groups": merge_conv_groups(proto)}
     entry = proto.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(metadata)
     onnx.checker.check_model(proto, full_check=True)
@@ -100,6 +109,38 @@ def mark_routing_nodes(proto: onnx.ModelProto) -> int:
             node.name = ROUTING_PREFIX + node.name.lstrip("/")
             n += 1
     return n
+
+
+def merge_conv_groups(proto: onnx.ModelProto, channels: int = NCHWC_GROUP_CHANNELS) -> int:
+    """Rewrite grouped convs with few channels per group as convs with fewer, wider groups whose
+    weights are block-diagonal (zeros between the original groups). The result is the same sum
+    of the same products, so outputs stay equal up to float rounding, and onnxruntime runs them
+    with its NCHWc kernels instead of a slow per-group loop plus layout reorders around it
+    (brn-c32 CPU batch 1: bench/runtime_latency.py). Depthwise convs are left alone (they have
+    their own NCHWc kernel). Returns the number of convs rewritten."""
+    inits = {t.name: t for t in proto.graph.initializer}
+    uses = Counter(name for node in proto.graph.node for name in node.input)
+    rewritten = 0
+    for node in proto.graph.node:
+        group = next((a for a in node.attribute if a.name == "group"), None)
+        if node.op_type != "Conv" or group is None or group.i <= 1 or node.input[1] not in inits \
+                or uses[node.input[1]] != 1:
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]])
+        g, kin, kout = group.i, w.shape[1], w.shape[0] // group.i
+        if kin == 1 and kout == 1:
+            continue
+        per = math.lcm(channels // math.gcd(kin, channels), channels // math.gcd(kout, channels))
+        if per == 1 or g % per:
+            continue
+        wide = np.zeros((w.shape[0], kin * per, *w.shape[2:]), dtype=w.dtype)
+        for o in range(w.shape[0]):
+            j = (o // kout) % per                       # position of o's group inside its merged group
+            wide[o, j * kin:(j + 1) * kin] = w[o]
+        inits[node.input[1]].CopyFrom(numpy_helper.from_array(wide, node.input[1]))
+        group.i = g // per
+        rewritten += 1
+    return rewritten
 
 
 def read_metadata(path_or_proto) -> dict:

@@ -9,7 +9,7 @@ import torch
 
 from conftest import save_random_checkpoint
 from export.bundle import export_checkpoint
-from export.onnx_export import build_metadata, read_metadata
+from export.onnx_export import NCHWC_GROUP_CHANNELS, build_metadata, merge_conv_groups, read_metadata
 from export.parity import TOLERANCES, compare
 from export.to_onnx import main as to_onnx_main
 from export.to_trt import EXIT_NO_TENSORRT
@@ -75,7 +75,8 @@ def test_metadata_round_trip(exported, real_sample):
     ckpt, staged = exported
     meta = read_metadata(staged.stage / "model.onnx")
     state = load_checkpoint(ckpt)
-    assert meta == json.loads(json.dumps(build_metadata(state, meta["checkpoint_sha256"], "fp32")))
+    written = {k: v for k, v in meta.items() if k != "merged_conv_groups"}     # added by the export
+    assert written == json.loads(json.dumps(build_metadata(state, meta["checkpoint_sha256"], "fp32")))
     assert meta["vocab"] == state["vocab"] and meta["answers"] == state["answers"]
     assert meta["layer_sizes"] == list(staged.model.cfg.layer_sizes) and meta["opset"] == 18
     runtime_view = json.loads(_ort(staged.stage / "model.onnx").get_modelmeta().custom_metadata_map["qgmrn"])
@@ -95,6 +96,43 @@ def test_groupnorm_is_decomposed_for_tensorrt(exported):
     _, staged = exported
     ops = {n.op_type for n in onnx.load(str(staged.stage / "model.onnx")).graph.node}
     assert "GroupNormalization" not in ops
+
+
+def test_fp32_graph_has_only_cpu_friendly_conv_groups(exported):
+    """Grouped convs are stored with >= 16 channels per group (block-diagonal weights) so that
+    onnxruntime runs them with its NCHWc kernels; the parity tests above cover the values."""
+    _, staged = exported
+    proto = onnx.load(str(staged.stage / "model.onnx"))
+    inits = {t.name: t for t in proto.graph.initializer}
+    grouped = 0
+    for node in proto.graph.node:
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        if node.op_type == "Conv" and group > 1:
+            cout, kin = inits[node.input[1]].dims[:2]
+            assert kin % NCHWC_GROUP_CHANNELS == 0 and (cout // group) % NCHWC_GROUP_CHANNELS == 0
+            grouped += 1
+    meta = read_metadata(proto)
+    assert grouped == (meta["num_layers"] if meta["arch"] == "brn" else 0)
+    # small: branch widths 4, 8, 16, 16 channels -> the first two blocks were merged
+    assert meta["merged_conv_groups"] == (2 if meta["arch"] == "brn" else 0)
+
+
+# (groups, channels, groups after merging): 2, 4, 12 channels per group merge into 16, 16, 48;
+# 16 stays; 6 channels x 6 groups cannot reach a multiple of 16 and stays as it is.
+@pytest.mark.parametrize("groups,channels,merged", [(32, 64, 4), (32, 128, 8), (8, 96, 2), (4, 64, 4), (6, 36, 6)])
+def test_merged_conv_groups_compute_the_same_conv(tmp_path, groups, channels, merged):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(channels, channels, 3, 2, 1, groups=groups, bias=False).eval()
+    x = torch.randn(2, channels, 9, 9)
+    torch.onnx.export(conv, (x,), str(tmp_path / "c.onnx"), dynamo=False, opset_version=18,
+                      input_names=["x"], output_names=["y"])
+    proto = onnx.load(str(tmp_path / "c.onnx"))
+    assert merge_conv_groups(proto) == int(merged != groups)
+    onnx.checker.check_model(proto)
+    assert next(a.i for a in proto.graph.node[0].attribute if a.name == "group") == merged
+    got = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x.numpy()})[0]
+    np.testing.assert_allclose(got, conv(x).detach().numpy(), atol=1e-5)
 
 
 def test_fp16_graph_keeps_routing_float32_and_gates_equal(exported):
