@@ -1,5 +1,6 @@
 """Runtime speed and memory, side by side in one run on the same inputs: PyTorch eager (the
-checkpoint) vs the torch-free runtime with onnxruntime fp32 (and fp16), batch 1 and 8.
+checkpoint) vs the torch-free runtime with onnxruntime fp32 (and fp16), batch 1 and 8, plus
+the fp32 graph with the paper's narrow conv groups left unmerged (what export's group merging buys).
 
     python bench/runtime_latency.py [--checkpoint ckpt.pt] [--iters 60]
 
@@ -58,8 +59,9 @@ def worker(kind: str, bundle: str, checkpoint: str, iters: int) -> dict:
     else:
         import runtime
         from qgmrn.preprocess import encode_batch, preprocess_image
-        model = runtime.load(Path(bundle) / ("model.onnx" if kind == "onnxruntime-fp32" else "model.fp16.onnx"),
-                             backend="cpu")
+        files = {"onnxruntime-fp32": "model.onnx", "onnxruntime-fp16": "model.fp16.onnx",
+                 "ort-fp32-unmerged": "model.unmerged.onnx"}
+        model = runtime.load(Path(bundle) / files[kind], backend="cpu")
         vocab, size = model.vocab, model.image_size
         runner = model._runner
 
@@ -127,6 +129,7 @@ def main(argv=None) -> int:
 
     import numpy as np
     from export.bundle import export_checkpoint, publish
+    from export.onnx_export import build_metadata, export_onnx
     from qgmrn.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
     from qgmrn.model import count_macs, create_model
     from qgmrn.preprocess import Vocab
@@ -140,14 +143,17 @@ def main(argv=None) -> int:
                                    answers=[str(i) for i in range(28)], max_question_len=64))
     staged = export_checkpoint(ckpt, tmp / "bundle", fp16=True, parity_n=24, log=lambda *x: None)
     publish(staged.stage, tmp / "bundle")
-    model = model_from_checkpoint(load_checkpoint(ckpt))
+    state = load_checkpoint(ckpt)
+    model = model_from_checkpoint(state)
+    # The same graph with the paper's narrow conv groups, to show what merging them buys.
+    export_onnx(model, tmp / "bundle" / "model.unmerged.onnx", build_metadata(state, "-", "fp32"), merge_groups=False)
     flops = 2 * count_macs(model)
     peak = max(matmul_gflops() for _ in range(3))
     print(f"model {model.cfg.arch} {model.cfg.image_size}x{model.cfg.image_size}: {flops / 1e9:.2f} GFLOP per sample; "
           f"float32 matmul (numpy, {os.cpu_count()} cores): {peak:.0f} GFLOP/s")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     rows = []
-    for kind in ("pytorch", "onnxruntime-fp32", "onnxruntime-fp16"):
+    for kind in ("pytorch", "onnxruntime-fp32", "onnxruntime-fp16", "ort-fp32-unmerged"):
         out = subprocess.run([sys.executable, __file__, "--worker", kind, "--bundle", str(tmp / "bundle"),
                               "--checkpoint", ckpt, "--iters", str(a.iters)], env=env, capture_output=True, text=True)
         if out.returncode != 0:

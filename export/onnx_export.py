@@ -70,7 +70,8 @@ def build_metadata(state: dict, checkpoint_sha256: str, precision: str) -> dict:
     }
 
 
-def export_onnx(model: QGMRN, path: str | os.PathLike, metadata: dict, fp16: bool = False) -> Path:
+def export_onnx(model: QGMRN, path: str | os.PathLike, metadata: dict, fp16: bool = False,
+                merge_groups: bool = True) -> Path:
     """Export the test-time graph (batch and question length dynamic) with metadata; checked.
 
     Uses the TorchScript-based exporter: torch.export specialises the question length to the
@@ -89,8 +90,8 @@ def export_onnx(model: QGMRN, path: str | os.PathLike, metadata: dict, fp16: boo
                           dynamic_axes=dynamic, do_constant_folding=True)
     proto = onnx.load(str(path))
     mark_routing_nodes(proto)
-    if not fp16:
-        metadata = {**metadata, "merged_conv_groups": merge_conv_groups(proto)}
+    if not fp16:                                       # the CPU graph; fp16 keeps the paper's groups
+        metadata = {**metadata, "merged_conv_groups": merge_conv_groups(proto) if merge_groups else 0}
     entry = proto.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(metadata)
     onnx.checker.check_model(proto, full_check=True)
