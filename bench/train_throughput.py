@@ -4,7 +4,9 @@ CPU preset, side by side in one run; parameter counts and forward MACs per sampl
     python bench/train_throughput.py                     # CPU: all presets, batch 16
     python bench/train_throughput.py --presets brn-c32 --batch-size 64 --device cuda   # fp32 vs bf16
 
-On CUDA every preset is measured in fp32 and in bf16 autocast (channels-last), with peak memory.
+On CUDA, and on CPUs with AMX-BF16 (where the trainer's precision "auto" picks it), every preset
+is measured in fp32 and in bf16 autocast with channels-last, as the trainer runs them; peak memory
+on CUDA.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 
 from qgmrn.model import count_macs, count_parameters, create_model
 from qgmrn.routing import load_balancing_loss
+from qgmrn.train import cpu_has_amx_bf16
 
 DEFAULT_PRESETS = ["small", "brn-c8", "brn-c16", "brn-c32", "frn"]
 
@@ -25,11 +28,12 @@ def measure(preset: str, batch: int, device: str, amp: bool, steps: int, warmup:
     model = create_model(preset, vocab_size=90, num_answers=28).to(device).train()
     cfg = model.cfg
     cuda = device.startswith("cuda")
-    if cuda:
+    channels_last = cuda or amp                 # as the trainer: channels-last with CPU bf16
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), 3e-4)
     image = torch.randn(batch, 3, cfg.image_size, cfg.image_size, device=device)
-    if cuda:
+    if channels_last:
         image = image.contiguous(memory_format=torch.channels_last)
     tokens = torch.randint(2, 90, (batch, 20), device=device)
     lengths = torch.randint(8, 21, (batch,), device=device)
@@ -68,7 +72,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args(argv)
-    modes = [False, True] if a.device.startswith("cuda") else [False]
+    modes = [False, True] if a.device.startswith("cuda") or cpu_has_amx_bf16() else [False]
     print(f"device {a.device} ({torch.cuda.get_device_name() if a.device.startswith('cuda') else f'{torch.get_num_threads()} threads'}), "
           f"batch {a.batch_size}, {a.steps} timed steps after {a.warmup} warm-up, torch {torch.__version__}")
     print(f"{'preset':<10}{'input':>6}{'params M':>10}{'GMACs':>8}{'mode':>7}{'samples/s':>11}{'peak MiB':>10}")

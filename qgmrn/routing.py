@@ -28,7 +28,8 @@ class Router(nn.Module):
     def forward(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.fc(q)                                       # (B, N) with N = sum(layer_sizes)
         if self.training:
-            gates = gumbel_sigmoid_st(logits, self.tau, self.noise_generator)
+            # float32 noise and threshold even under bf16 autocast (bf16 has 8 mantissa bits)
+            gates = gumbel_sigmoid_st(logits.float(), self.tau, self.noise_generator)
         else:
             gates = (logits > 0).to(logits.dtype)                 # the test-time mask
         return gates, logits

@@ -42,7 +42,7 @@ class TrainConfig:
     jsonl: tuple[str, ...] = ()              # (train.jsonl, val.jsonl)
     humans: tuple[str, ...] = ()             # (train.json, val.json), images from data_root
     preset: str = "small"
-    epochs: int = 6
+    epochs: int = 10
     steps: int = 0                           # > 0 overrides epochs
     batch_size: int = 64
     lr: float | None = None                  # None: 3e-4 (paper 4.2), 1e-3 for the CPU presets
@@ -57,6 +57,8 @@ class TrainConfig:
     max_val: int = 0                         # evaluate on at most this many val questions (0: all)
     workers: int = 0                         # DataLoader processes
     generate_images: int = 5000              # size of the built-in dataset (train images)
+    precision: str = "auto"                  # "auto": bf16 autocast on CUDA and on CPUs with AMX-BF16
+                                             # (about 1.7x the samples/s there); "fp32": never
 
 
 class TrainingStopped(Exception):
@@ -125,6 +127,28 @@ def lr_lambda(cfg: TrainConfig):
             return 1.0
         return start + (1.0 - start) * step / cfg.warmup_steps
     return factor
+
+
+def cpu_has_amx_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (Intel AMX), where oneDNN runs
+    bf16 convolutions much faster than float32. Elsewhere bf16 autocast on a CPU is slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags
+
+
+def training_precision(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype of the training step (None: float32). Evaluation always runs in float32,
+    like the exported model."""
+    if cfg.precision not in ("auto", "fp32"):
+        raise ValueError(f"precision must be 'auto' or 'fp32', got {cfg.precision!r}")
+    if cfg.precision == "fp32":
+        return None
+    if device.type == "cuda" or cpu_has_amx_bf16():
+        return torch.bfloat16
+    return None
 
 
 # -- distributed -------------------------------------------------------------------------------
@@ -211,10 +235,10 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None, resume: str | N
     val_ds = VQADataset(val_subset, vocab, answers, mcfg.image_size, val_cache)
 
     model.to(device)
-    cuda = device.type == "cuda"
-    if cuda:
+    amp_dtype = training_precision(cfg, device)
+    channels_last = device.type == "cuda" or amp_dtype is not None     # faster for both there
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    amp_dtype = torch.bfloat16 if cuda else None
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     step = 0
@@ -236,7 +260,7 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None, resume: str | N
     say(f"model: {cfg.preset if not init_from and not resume else 'from checkpoint'} ({mcfg.arch}, "
         f"{n_params / 1e6:.2f} M parameters, routing {mcfg.num_layers} x {mcfg.max_modules}), "
         f"{len(train_ds)} train / {len(val_ds)} val questions, {len(vocab)} words, {len(answers)} answers, "
-        f"device {device}, {world} process(es), {total} steps")
+        f"device {device} ({'bf16 autocast' if amp_dtype else 'float32'}), {world} process(es), {total} steps")
     ckpt_path = out / "ckpt.pt"
     metrics_path = out / "metrics.jsonl"
     if main_rank:
@@ -281,7 +305,7 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None, resume: str | N
                 noise.manual_seed((cfg.seed * 1_000_003 + step) * 64 + rank)
                 image, tokens, lengths, labels = (image.to(device, non_blocking=True), tokens.to(device),
                                                   lengths.to(device), labels.to(device))
-                if cuda:
+                if channels_last:
                     image = image.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     output = ddp(image, tokens, lengths)
@@ -333,7 +357,7 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None, resume: str | N
                     break
             if (cfg.eval_every_epoch and step % per_epoch == 0) or step >= total:
                 if main_rank:
-                    result = evaluate_model(model, val_ds, 256, device, amp_dtype)
+                    result = evaluate_model(model, val_ds, 256, device)
                     rec = {"step": step, "split": "val", **{k: v for k, v in public(result).items()
                                                             if k in ("overall", "per_type")}}
                     metrics_file.write(json.dumps(rec) + "\n")

@@ -35,19 +35,24 @@ def _weights(path):
     return torch.load(path, weights_only=True)["model"]
 
 
+def _assert_same_run(a_path, b_path, steps):
+    a, b = _weights(a_path), _weights(b_path)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    sa, sb = torch.load(a_path, weights_only=True), torch.load(b_path, weights_only=True)
+    assert sa["step"] == sb["step"] == steps
+    assert sa["scheduler"]["last_epoch"] == sb["scheduler"]["last_epoch"]
+    assert sa["optimizer"]["param_groups"][0]["lr"] == sb["optimizer"]["param_groups"][0]["lr"]
+
+
 def test_resume_continues_exactly(tiny_data, tmp_path):
+    """N + M steps == N steps, a resume, M steps (same weights, same data order)."""
     straight, split = tmp_path / "straight", tmp_path / "split"
     train(tiny_train_config(tiny_data, straight, steps=6), **quiet)
     train(tiny_train_config(tiny_data, split, steps=3), **quiet)
     train(tiny_train_config(tiny_data, split, steps=6), resume=str(split / "ckpt.pt"), **quiet)
-    a, b = _weights(straight / "ckpt.pt"), _weights(split / "ckpt.pt")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    sa = torch.load(straight / "ckpt.pt", weights_only=True)
-    sb = torch.load(split / "ckpt.pt", weights_only=True)
-    assert sa["step"] == sb["step"] == 6
-    assert sa["scheduler"]["last_epoch"] == sb["scheduler"]["last_epoch"]
+    _assert_same_run(straight / "ckpt.pt", split / "ckpt.pt", 6)
 
 
 def test_bad_checkpoint_files_give_clear_errors(tiny_checkpoint, tmp_path):
@@ -176,3 +181,16 @@ def test_evaluate_refuses_a_foreign_checkpoint(tmp_path, capsys):
     torch.save({"weights": torch.zeros(1)}, tmp_path / "x.pt")
     assert evaluate_main([str(tmp_path / "x.pt"), "--data-root", str(tmp_path)]) == 2
     assert "not a QGMRN checkpoint" in capsys.readouterr().err
+
+
+def test_defaults_pick_rate_and_precision():
+    from qgmrn.config import get_config
+    from qgmrn.train import TrainConfig, cpu_has_amx_bf16, resolve_lr, training_precision
+    assert resolve_lr(TrainConfig(), get_config("small")).lr == 1e-3                 # CPU-sized
+    assert resolve_lr(TrainConfig(), get_config("brn-c32")).lr == 3e-4               # paper 4.2
+    cpu_device = torch.device("cpu")
+    assert training_precision(TrainConfig(precision="fp32"), cpu_device) is None
+    expected = torch.bfloat16 if cpu_has_amx_bf16() else None
+    assert training_precision(TrainConfig(), cpu_device) is expected
+    with pytest.raises(ValueError, match="precision"):
+        training_precision(TrainConfig(precision="fp16"), cpu_device)
