@@ -58,7 +58,7 @@ class TrainConfig:
     workers: int = 0                         # DataLoader processes
     generate_images: int = 5000              # size of the built-in dataset (train images)
     precision: str = "auto"                  # "auto": bf16 autocast on CUDA and on CPUs with AMX-BF16
-                                             # (about 1.7x the samples/s there); "fp32": never
+                                             # (about 1.6x the samples/s there); "fp32": never
 
 
 class TrainingStopped(Exception):

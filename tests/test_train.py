@@ -35,24 +35,21 @@ def _weights(path):
     return torch.load(path, weights_only=True)["model"]
 
 
-def _assert_same_run(a_path, b_path, steps):
-    a, b = _weights(a_path), _weights(b_path)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    sa, sb = torch.load(a_path, weights_only=True), torch.load(b_path, weights_only=True)
-    assert sa["step"] == sb["step"] == steps
-    assert sa["scheduler"]["last_epoch"] == sb["scheduler"]["last_epoch"]
-    assert sa["optimizer"]["param_groups"][0]["lr"] == sb["optimizer"]["param_groups"][0]["lr"]
-
-
 def test_resume_continues_exactly(tiny_data, tmp_path):
     """N + M steps == N steps, a resume, M steps (same weights, same data order)."""
     straight, split = tmp_path / "straight", tmp_path / "split"
     train(tiny_train_config(tiny_data, straight, steps=6), **quiet)
     train(tiny_train_config(tiny_data, split, steps=3), **quiet)
     train(tiny_train_config(tiny_data, split, steps=6), resume=str(split / "ckpt.pt"), **quiet)
-    _assert_same_run(straight / "ckpt.pt", split / "ckpt.pt", 6)
+    a, b = _weights(straight / "ckpt.pt"), _weights(split / "ckpt.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    sa = torch.load(straight / "ckpt.pt", weights_only=True)
+    sb = torch.load(split / "ckpt.pt", weights_only=True)
+    assert sa["step"] == sb["step"] == 6
+    assert sa["scheduler"]["last_epoch"] == sb["scheduler"]["last_epoch"]
+    assert sa["optimizer"]["param_groups"][0]["lr"] == sb["optimizer"]["param_groups"][0]["lr"]
 
 
 def test_bad_checkpoint_files_give_clear_errors(tiny_checkpoint, tmp_path):
