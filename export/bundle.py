@@ -19,7 +19,7 @@ from .onnx_export import build_metadata, export_onnx, file_sha256, routing_preci
 from .parity import TOLERANCES, compare, make_batches, parity_samples, run_onnxruntime, run_torch
 
 ONNX_NAME, ONNX_FP16_NAME, PARITY_NAME = "model.onnx", "model.fp16.onnx", "parity.json"
-BUNDLE_MARKERS = (ONNX_NAME, PARITY_NAME)
+BUNDLE_FILES = (ONNX_NAME, ONNX_FP16_NAME, PARITY_NAME)
 
 
 class ExportError(RuntimeError):
@@ -45,13 +45,24 @@ def default_out(checkpoint: str | os.PathLike) -> Path:
     return p.parent / f"{p.stem}-export"
 
 
-def staging_dir(out: Path) -> Path:
-    """A fresh directory beside `out` (same filesystem, so publishing is a rename)."""
+def bundle_files(directory: Path) -> list[Path]:
+    """The files of a QGMRN export in `directory` (what publishing may replace); nothing else."""
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if p.is_file() and (
+        p.name in BUNDLE_FILES or (p.suffix in (".engine", ".plan") and p.name.startswith("model"))
+        or p.name.endswith((".engine.json", ".plan.json")) and p.name.startswith("model")))
+
+
+def staging_dir(out: Path, overwrite: bool = False) -> Path:
+    """A fresh directory beside `out` (same filesystem, so publishing is a rename per file)."""
     if out.exists() and not out.is_dir():
         raise ExportError(f"output path {out} exists and is not a directory", 2)
-    if out.is_dir() and any(out.iterdir()) and not any((out / m).exists() for m in BUNDLE_MARKERS):
-        raise ExportError(f"output directory {out} is not empty and holds no qgmrn export; "
-                          "choose another --out", 2)
+    existing = bundle_files(out)
+    if existing and not overwrite:
+        raise ExportError(f"{out} already holds an export ({', '.join(p.name for p in existing)}); "
+                          "pass --overwrite to replace it, or choose another --out", 2)
+    _remove_orphans(out.parent, out.name)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
@@ -61,29 +72,63 @@ def staging_dir(out: Path) -> Path:
         raise ExportError(f"cannot write to {out.parent}: {e.strerror or e}", 2) from e
 
 
+def _remove_orphans(parent: Path, name: str, max_age_s: float = 3600.0) -> None:
+    """Staging directories left by an export that was killed (older than an hour: not a live one)."""
+    if not parent.is_dir():
+        return
+    now = time.time()
+    for p in parent.glob(f".{name}.*.partial"):
+        try:
+            if now - p.stat().st_mtime > max_age_s:
+                shutil.rmtree(p, ignore_errors=True)
+        except OSError:
+            pass
+
+
 def publish(stage: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(stage, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(stage, out)
+    """Move the staged artefacts into `out` file by file (each an atomic rename). Bundle files the
+    new export does not have (an old engine, say) are removed, since they would disagree with it;
+    any other file in `out` (the checkpoint, eval.json, ...) is never touched."""
+    out.mkdir(parents=True, exist_ok=True)
+    new = {p.name for p in stage.iterdir()}
+    for old in bundle_files(out):
+        if old.name not in new:
+            old.unlink()
+    for p in sorted(stage.iterdir(), key=lambda p: p.name == PARITY_NAME):   # parity.json last
+        os.replace(p, out / p.name)
+    stage.rmdir()
+
+
+def keep_failed(stage: Path, out: Path) -> Path:
+    """Move a failed stage to OUT.failed (replacing an earlier failure) for inspection."""
+    failed = out.with_name(out.name + ".failed")
+    shutil.rmtree(failed, ignore_errors=True)
+    os.replace(stage, failed)
+    return failed
 
 
 def export_checkpoint(checkpoint, out=None, fp16: bool = False, data_root=None, jsonl=None,
-                      parity_n: int = 300, extra_samples=(), log=print) -> Staged:
+                      parity_n: int = 300, extra_samples=(), log=print, overwrite: bool = False) -> Staged:
     """Export ONNX artefacts and check parity against PyTorch.
 
     The caller publishes the stage (after adding engines) with publish(); a parity failure raises
     ExportError after moving the stage to OUT.failed for inspection.
     """
     t0 = time.perf_counter()
+    if parity_n < 1:
+        raise ExportError(f"--parity-samples must be at least 1, got {parity_n}", 2)
     state = load_checkpoint(checkpoint)
     model = model_from_checkpoint(state).eval()
+    answers = list(state["answers"])
+    if len(answers) != model.cfg.num_answers or len(set(answers)) != len(answers):
+        raise ExportError(f"{checkpoint}: its answer list ({len(answers)} answers"
+                          f"{', with repeats' if len(set(answers)) != len(answers) else ''}) does not match "
+                          f"its classifier ({model.cfg.num_answers} outputs); it cannot be exported", 2)
+    if len(state["vocab"]) != model.cfg.vocab_size:
+        raise ExportError(f"{checkpoint}: its vocabulary ({len(state['vocab'])} words) does not match its "
+                          f"embedding ({model.cfg.vocab_size} rows); it cannot be exported", 2)
     out = Path(out) if out else default_out(checkpoint)
-    stage = staging_dir(out)
+    stage = staging_dir(out, overwrite)
     try:
         sha = file_sha256(checkpoint)
         artefacts = {"fp32": stage / ONNX_NAME}
@@ -115,9 +160,7 @@ def export_checkpoint(checkpoint, out=None, fp16: bool = False, data_root=None, 
         report["passed"] = all(r["passed"] for r in report["artefacts"].values())
         write_report(stage, report)
         if not report["passed"]:
-            failed = out.with_name(out.name + ".failed")
-            shutil.rmtree(failed, ignore_errors=True)
-            os.replace(stage, failed)
+            failed = keep_failed(stage, out)
             problems = "; ".join(f"{k}: {', '.join(r['failures'])}" for k, r in report["artefacts"].items()
                                  if not r["passed"])
             raise ExportError(f"parity check failed: {problems}. Nothing was published; the failed "
@@ -130,11 +173,13 @@ def export_checkpoint(checkpoint, out=None, fp16: bool = False, data_root=None, 
 
 
 def write_report(directory: Path, report: dict) -> None:
-    (directory / PARITY_NAME).write_text(json.dumps(report, indent=2))
+    (directory / PARITY_NAME).write_text(json.dumps(report, indent=2, allow_nan=False))
 
 
 def _line(name: str, r: dict) -> str:
-    return (f"parity {name}: {'OK' if r['passed'] else 'FAILED'}  max|dlogit| {r['max_abs_logit_diff']:.2e}  "
+    d = r["max_abs_logit_diff"]
+    return (f"parity {name}: {'OK' if r['passed'] else 'FAILED'}  "
+            f"max|dlogit| {'non-finite' if d is None else format(d, '.2e')}  "
             f"top-1 {100 * r['top1_agreement']:.2f}%  gates {100 * r['gate_agreement']:.3f}% "
             f"({r['route_logits_within_eps']} route logits within {r['eps']:g} of 0, "
             f"{r['near_threshold_flips']} flipped)")

@@ -127,7 +127,12 @@ def compare(reference: dict, other: dict, layer_sizes, tolerance: Tolerance, eps
                       "max_gate_mismatch_outside_eps": tolerance.max_gate_mismatch},
     }
     failures = []
-    if max_diff > tolerance.max_logit_diff:
+    for who, outs in (("PyTorch", reference), ("the export", other)):
+        bad = [k for k in ("logits", "route_logits") if not np.isfinite(outs[k]).all()]
+        if bad:
+            failures.append(f"{who} produced non-finite {' and '.join(bad)} (NaN or infinity): the "
+                            "checkpoint's weights are broken")
+    if not np.isfinite(max_diff) or max_diff > tolerance.max_logit_diff:
         failures.append(f"max |logit diff| {max_diff:.3g} exceeds {tolerance.max_logit_diff:g} "
                         f"(by {max_diff - tolerance.max_logit_diff:.3g})")
     if report["top1_agreement_clean"] < tolerance.min_top1_agreement:
@@ -138,4 +143,15 @@ def compare(reference: dict, other: dict, layer_sizes, tolerance: Tolerance, eps
                         f"is farther than {eps:g} from the threshold")
     report["passed"] = not failures
     report["failures"] = failures
-    return report
+    return finite_json(report)
+
+
+def finite_json(obj):
+    """NaN and infinity -> None (strict JSON has no such numbers), recursively."""
+    if isinstance(obj, float):
+        return obj if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj

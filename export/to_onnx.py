@@ -23,11 +23,13 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--data-root", help="CLEVR layout whose val split feeds the parity check")
     ap.add_argument("--jsonl", help="JSON-lines file whose questions feed the parity check")
     ap.add_argument("--parity-samples", type=int, default=300)
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace an export already in --out (other files there are never touched)")
 
 
 def run_export(a, log=print):
     return export_checkpoint(a.checkpoint, a.out, fp16=a.fp16, data_root=a.data_root, jsonl=a.jsonl,
-                             parity_n=a.parity_samples, log=log)
+                             parity_n=a.parity_samples, log=log, overwrite=a.overwrite)
 
 
 def exit_code(body) -> int:

@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .bundle import ONNX_FP16_NAME, ONNX_NAME, ExportError, publish, write_report
+from .bundle import ONNX_FP16_NAME, ONNX_NAME, ExportError, keep_failed, publish, write_report
 from .parity import TOLERANCES, compare, run_backend
 from .to_onnx import add_common_args, exit_code, run_export
 from .trt import EngineOptions, build_engine, missing_requirements
@@ -58,12 +58,11 @@ def main(argv=None) -> int:
             result = engine_parity(engine, staged, a.max_batch, TOLERANCES["fp16" if fp16 else "fp32"])
             staged.report["artefacts"][key] = result
             print(f"parity {key}: {'OK' if result['passed'] else 'FAILED'} "
-                  f"max|dlogit| {result['max_abs_logit_diff']:.2e} top-1 {100 * result['top1_agreement']:.2f}%")
+                  f"max|dlogit| {result['max_abs_logit_diff'] if result['max_abs_logit_diff'] is not None else float('nan'):.2e} top-1 {100 * result['top1_agreement']:.2f}%")
         staged.report["passed"] = all(r["passed"] for r in staged.report["artefacts"].values())
         write_report(staged.stage, staged.report)
         if not staged.report["passed"]:
-            failed = staged.out.with_name(staged.out.name + ".failed")
-            publish(staged.stage, failed)
+            failed = keep_failed(staged.stage, staged.out)
             raise ExportError(f"TensorRT parity failed; nothing was published (see {failed}/parity.json)", 1)
         publish(staged.stage, staged.out)
         print(f"wrote {staged.out}: ONNX and TensorRT engines, parity within tolerance")

@@ -24,7 +24,8 @@ class CheckpointError(ValueError):
 def save_checkpoint(path: str | os.PathLike, *, model: QGMRN, vocab: list[str], answers: list[str],
                     max_question_len: int, train_config: dict | None = None, optimizer=None,
                     scheduler=None, step: int = 0, epoch: int = 0, metrics: dict | None = None,
-                    rng: dict | None = None) -> Path:
+                    rng: dict | None = None, train_seconds: float = 0.0,
+                    total_steps: int | None = None) -> Path:
     """Write to a temporary file in the same directory, fsync, then rename over `path`:
     a crash mid-save never destroys the last good checkpoint."""
     path = Path(path)
@@ -37,7 +38,10 @@ def save_checkpoint(path: str | os.PathLike, *, model: QGMRN, vocab: list[str], 
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "step": int(step), "epoch": int(epoch), "metrics": metrics or {}, "rng": rng or {},
+        "train_seconds": float(train_seconds),
     }
+    if total_steps is not None:
+        state["total_steps"] = int(total_steps)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:

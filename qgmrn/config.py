@@ -147,30 +147,7 @@ def get_config(name: str, **overrides) -> ModelConfig:
 
 
 def parse_override(text: str, cfg_cls=ModelConfig) -> tuple[str, object]:
-    """Parse "field=value" for a dataclass field, converting to the field's type."""
-    key, eq, raw = text.partition("=")
-    fields = {f.name: f for f in dataclasses.fields(cfg_cls)}
-    if not eq or key not in fields:
-        raise ValueError(f"override {text!r} must be field=value with a field of {cfg_cls.__name__}: "
-                         f"{', '.join(fields)}")
-    like = fields[key].default                           # every field has a default: its type
-    if like is None:                                     # Optional fields: take the annotation's type
-        kind = str(fields[key].type)
-        like = 0.0 if "float" in kind else 0 if "int" in kind else ""
-    return key, _convert(raw, like)
-
-
-def _convert(raw: str, like):
-    if isinstance(like, bool):
-        if raw.lower() in ("1", "true", "yes", "on"):
-            return True
-        if raw.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"expected a boolean, got {raw!r}")
-    if isinstance(like, int):
-        return int(raw)
-    if isinstance(like, float):
-        return float(raw)
-    if isinstance(like, tuple):
-        return tuple(int(x) for x in raw.strip("()[] ").split(",") if x.strip())
-    return raw
+    """Parse "field=value" for a dataclass field, converting to the field's annotated type."""
+    from .settings import split_assignment, typed
+    key, raw = split_assignment(text)
+    return key, typed(cfg_cls, {key: raw}, "--set")[key]

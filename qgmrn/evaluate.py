@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -18,10 +19,10 @@ from torch.utils.data import DataLoader
 
 from .config import ModelConfig
 from .data.datasets import VQADataset, collate
-from .data.prepare import DEFAULT_CACHE, ImageCache
+from .data.prepare import cache_name, default_cache_dir, open_cache
 from .data.programs import QUESTION_TYPES, SUBTYPES
 from .data.sources import DataError, Sample, load_clevr, load_jsonl
-from .preprocess import Vocab
+from .preprocess import Vocab, tokenize
 
 TYPE_TITLES = {"count": "Count", "exist": "Exist", "compare_numbers": "Compare Numbers",
                "query_attribute": "Query Attribute", "compare_attribute": "Compare Attribute"}
@@ -132,14 +133,20 @@ def write_plots(result: dict, out_dir: str | Path, metrics_file: str | Path | No
     return written
 
 
-def build_eval_dataset(state: dict, data_root, jsonl, split: str) -> VQADataset:
+def build_eval_dataset(state: dict, data_root, jsonl, split: str, cache_dir=None) -> VQADataset:
     cfg = ModelConfig.from_dict(state["model_config"])
     if jsonl:
-        samples, cache_dir, name = load_jsonl(jsonl), Path(jsonl).parent / DEFAULT_CACHE, Path(jsonl).stem
+        samples, where, name = load_jsonl(jsonl), Path(jsonl).parent, cache_name(str(jsonl))
     else:
-        samples, cache_dir, name = load_clevr(data_root, split), Path(data_root) / DEFAULT_CACHE, split
-    cache = ImageCache.find(cache_dir, name, cfg.image_size)
-    return VQADataset(samples, Vocab(list(state["vocab"])), list(state["answers"]), cfg.image_size, cache)
+        samples, where, name = load_clevr(data_root, split), Path(data_root), split
+    vocab = Vocab(list(state["vocab"]))
+    limit = int(state["max_question_len"])
+    kept = [s for s in samples if len(tokenize(s.question)) <= limit]
+    cache = open_cache(cache_dir or default_cache_dir(where), name, cfg.image_size, [s.image for s in kept],
+                       build=False)
+    dataset = VQADataset(kept, vocab, list(state["answers"]), cfg.image_size, cache)
+    dataset.skipped = len(samples) - len(kept)
+    return dataset
 
 
 def main(argv=None) -> int:
@@ -154,27 +161,61 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--json", help="write the results here as JSON")
     ap.add_argument("--plots", help="write PNG figures here (needs matplotlib)")
+    ap.add_argument("--cache-dir", help="image cache directory (default: as training finds it)")
     a = ap.parse_args(argv)
+    if a.batch_size < 1:
+        ap.error(f"--batch-size must be at least 1, got {a.batch_size}")
     try:
+        _check_writable(a.json, a.plots)
+        if a.plots:
+            import importlib.util
+            if importlib.util.find_spec("matplotlib") is None:
+                raise DataError("--plots needs matplotlib: pip install 'qgmrn[plots]'")
         state = load_checkpoint(a.checkpoint)
         model = model_from_checkpoint(state)
         data_root = a.data_root or (None if a.jsonl else state["train_config"].get("data_root"))
         if not data_root and not a.jsonl:
             raise DataError("give --data-root or --jsonl: the checkpoint does not name its data")
-        dataset = build_eval_dataset(state, data_root, a.jsonl, a.split)
-    except (CheckpointError, DataError) as e:
+        dataset = build_eval_dataset(state, data_root, a.jsonl, a.split, a.cache_dir)
+    except (CheckpointError, DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    if dataset.skipped:
+        print(f"warning: {dataset.skipped} question(s) longer than the model's limit of "
+              f"{state['max_question_len']} tokens are not evaluated (the runtime refuses them too)",
+              file=sys.stderr)
+    if not len(dataset):
+        print("error: no question to evaluate", file=sys.stderr)
         return 2
     device = "cuda" if torch.cuda.is_available() else "cpu"
     result = evaluate_model(model.to(device), dataset, a.batch_size, device)
     print(format_table(result))
-    if a.json:
-        Path(a.json).write_text(json.dumps(public(result), indent=2))
-    if a.plots:
-        metrics = Path(a.checkpoint).parent / "metrics.jsonl"
-        for p in write_plots(result, a.plots, metrics):
-            print(f"wrote {p}")
+    try:
+        if a.json:
+            Path(a.json).write_text(json.dumps(public(result), indent=2))
+        if a.plots:
+            metrics = Path(a.checkpoint).parent / "metrics.jsonl"
+            for p in write_plots(result, a.plots, metrics):
+                print(f"wrote {p}")
+    except OSError as e:
+        print(f"error: cannot write the results ({e}); the table above is complete", file=sys.stderr)
+        return 1
     return 0
+
+
+def _check_writable(json_path, plots_dir) -> None:
+    """Fail before the work, not after it, when the results cannot be written."""
+    if json_path:
+        parent = Path(json_path).resolve().parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK) or Path(json_path).is_dir():
+            raise DataError(f"--json {json_path}: cannot write there")
+    if plots_dir:
+        p = Path(plots_dir).resolve()
+        probe = p if p.exists() else p.parent
+        while not probe.exists():
+            probe = probe.parent
+        if (p.exists() and not p.is_dir()) or not os.access(probe, os.W_OK):
+            raise DataError(f"--plots {plots_dir}: cannot write there")
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ def load_rgb(image) -> Image.Image:
             raise ImageError("image bytes are empty")
         return _decode(io.BytesIO(image), "image bytes")
     if isinstance(image, Image.Image):
-        return _check_size(image.convert("RGB"), "PIL image")
+        return _check_size(_to_rgb(image, "PIL image"), "PIL image")
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
             raise ImageError(f"image array must be uint8, got {image.dtype}")
@@ -123,10 +123,43 @@ def _decode(source, what: str) -> Image.Image:
     try:
         with Image.open(source) as im:
             im.load()
-            rgb = im.convert("RGB")
+            rgb = _to_rgb(im, what)
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"cannot decode {what}: it is too large ({e})") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, ImageError):
+            raise
         raise ImageError(f"cannot decode {what}: {e}") from e
     return _check_size(rgb, what)
+
+
+def _to_rgb(im: Image.Image, what: str) -> Image.Image:
+    """RGB with 8 bits per channel. Pillow's convert("RGB") clips 16-bit and 32-bit integer
+    pixels to 255 (a 16-bit PNG turns white) and float pixels to [0, 255] (a float TIFF in [0, 1]
+    turns black), so those modes are scaled here by what their values mean."""
+    mode = im.mode
+    if mode.startswith("I;16") or mode == "I":
+        a = np.asarray(im)
+        if mode == "I" and (a.min() < 0 or a.max() > 65535):
+            raise ImageError(f"{what}: 32-bit integer pixels outside 0..65535 (range {a.min()}..{a.max()}); "
+                             "give an 8- or 16-bit image")
+        # mode "I" from a 16-bit PNG or TIFF holds 0..65535; any 8-bit data fits that scale too
+        # only if its maximum says so: values <= 255 are read as 8 bits.
+        scale = 255.0 / (65535.0 if mode.startswith("I;16") or a.max() > 255 else 255.0)
+        return Image.fromarray(np.clip(np.rint(a.astype(np.float64) * scale), 0, 255).astype(np.uint8)).convert("RGB")
+    if mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        if not np.isfinite(a).all():
+            raise ImageError(f"{what}: float pixels include NaN or infinity")
+        lo, hi = float(a.min()), float(a.max())
+        if lo >= 0.0 and hi <= 1.0:
+            scale = 255.0
+        elif lo >= 0.0 and hi <= 255.0 and hi > 1.0:
+            scale = 1.0
+        else:
+            raise ImageError(f"{what}: float pixels in {lo:g}..{hi:g}: expected 0..1 or 0..255")
+        return Image.fromarray(np.rint(a * scale).astype(np.uint8)).convert("RGB")
+    return im.convert("RGB")
 
 
 def _check_size(im: Image.Image, what: str) -> Image.Image:

@@ -6,24 +6,27 @@ import json
 import os
 import sys
 
-from . import ImageError, ModelError, NoModelConfigured, QuestionError, load
+from . import BUILTIN, ImageError, ModelError, NoModelConfigured, QuestionError, load
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m runtime", description="Answer a question about an image.")
     ap.add_argument("image", help="image file")
     ap.add_argument("question")
-    ap.add_argument("--model", default=os.environ.get("QGMRN_MODEL"),
-                    help="exported .onnx, bundle directory or TensorRT engine (default: $QGMRN_MODEL)")
+    ap.add_argument("--model", default=os.environ.get("QGMRN_MODEL") or BUILTIN,
+                    help="exported .onnx, bundle directory, TensorRT engine, or 'builtin' "
+                         "(default: $QGMRN_MODEL, else the built-in model)")
     ap.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime", "cpu"])
     ap.add_argument("--top-k", type=int, default=1)
     ap.add_argument("--json", action="store_true", help="print the full prediction as JSON")
     a = ap.parse_args(argv)
+    if a.top_k < 1:
+        ap.error(f"--top-k must be at least 1, got {a.top_k}")
     try:
         if not a.model:
             raise NoModelConfigured("give --model or set QGMRN_MODEL")
         model = load(a.model, a.backend)
-        pred = model.predict(a.image, a.question, top_k=max(1, a.top_k))
+        pred = model.predict(a.image, a.question, top_k=a.top_k)
     except (ImageError, QuestionError, ModelError, NoModelConfigured, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -42,6 +42,11 @@ class OnnxRuntimeRunner:
         self.name = f"onnxruntime ({self.providers[0]})"
         raw = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
         self.metadata = _parse_metadata(raw, path)
+        shapes = {o.name: o.shape for o in self.session.get_outputs()}
+        missing = set(OUTPUTS) - set(shapes)
+        if missing:
+            raise ModelError(f"{path} is not a QGMRN export: it has no output {sorted(missing)}")
+        check_metadata_against_shapes(self.metadata, shapes["logits"], shapes["gates"], path)
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(OUTPUTS, self.session.run(list(OUTPUTS), feeds)))
@@ -77,6 +82,27 @@ def _parse_metadata(raw: str | None, path) -> dict:
     if missing:
         raise ModelError(f"{path}: QGMRN metadata lacks {sorted(missing)}")
     return meta
+
+
+def check_metadata_against_shapes(meta: dict, logits_shape, gates_shape, path) -> None:
+    """Metadata that disagrees with the graph would index past the logits or read gates of other
+    modules: refuse it at load. Dims that are symbolic (str or None) are not checked."""
+    answers, sizes = meta["answers"], meta["layer_sizes"]
+    if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers) or \
+            len(set(answers)) != len(answers):
+        raise ModelError(f"{path}: its answer list is not a list of distinct strings")
+    if not isinstance(sizes, list) or not sizes or not all(isinstance(m, int) and m > 0 for m in sizes):
+        raise ModelError(f"{path}: its layer_sizes metadata is not a list of positive integers")
+    width = logits_shape[-1] if len(logits_shape) == 2 else None
+    if isinstance(width, int) and width != len(answers):
+        raise ModelError(f"{path}: the graph scores {width} answers but its metadata lists {len(answers)}; "
+                         "the file was altered or mis-exported")
+    if len(gates_shape) != 3:
+        raise ModelError(f"{path}: gates output has shape {gates_shape}, expected (batch, layers, modules)")
+    layers, modules = gates_shape[1], gates_shape[2]
+    if (isinstance(layers, int) and layers != len(sizes)) or (isinstance(modules, int) and modules != max(sizes)):
+        raise ModelError(f"{path}: the graph routes {layers} x {modules} modules but its metadata's "
+                         f"layer_sizes {sizes} say {len(sizes)} x {max(sizes)}")
 
 
 def tensorrt_usable() -> bool:

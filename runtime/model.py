@@ -41,7 +41,10 @@ class Model:
         self._runner, self.path = open_runner(path, backend)
         meta = self.metadata = self._runner.metadata
         self.backend = self._runner.name
-        self.vocab = Vocab(list(meta["vocab"]))
+        try:
+            self.vocab = Vocab(list(meta["vocab"]))
+        except (TypeError, ValueError) as e:
+            raise ModelError(f"{self.path}: its vocabulary metadata is unusable ({e})") from e
         self.answers: list[str] = list(meta["answers"])
         self.image_size = int(meta["image_size"])
         self.max_question_len = int(meta["max_question_len"])
@@ -64,6 +67,13 @@ class Model:
         return [p.answer for p in self.predict_batch(images, questions, 1, batch_size)]
 
     def predict_batch(self, images, questions, top_k: int = 5, batch_size: int = 16) -> list[Prediction]:
+        if isinstance(questions, str):
+            raise ValueError("questions must be a list of strings, one per image, not one str "
+                             "(use predict() for a single question)")
+        if isinstance(images, (str, bytes, os.PathLike, np.ndarray)):
+            raise ValueError("images must be a list, one per question (use predict() for a single image)")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError("batch_size must be a positive integer")
         images, questions = list(images), list(questions)
         if len(images) != len(questions):
             raise ValueError(f"{len(images)} images but {len(questions)} questions")
@@ -80,6 +90,9 @@ class Model:
         tokens, lengths, unknown = encode_batch(self.vocab, questions, self.max_question_len)
         pixels = np.stack([preprocess_image(im, self.image_size) for im in images])
         out = self._runner.run({"image": pixels, "tokens": tokens, "lengths": lengths})
+        if not all(np.isfinite(out[k]).all() for k in ("logits", "route_logits")):
+            raise ModelError(f"{self.path} produced non-finite outputs (NaN or infinity): its weights are "
+                             "broken; re-export a good checkpoint")
         logits = out["logits"].astype(np.float64)
         probs = np.exp(logits - logits.max(axis=1, keepdims=True))
         probs /= probs.sum(axis=1, keepdims=True)

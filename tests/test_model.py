@@ -176,5 +176,9 @@ def test_field_overrides_take_the_fields_types():
     assert parse_override("stage_depths=1,2") == ("stage_depths", (1, 2))
     assert parse_override("lr=0.01", TrainConfig) == ("lr", 0.01)          # Optional[float], default None
     assert parse_override("data_root=/data/clevr", TrainConfig) == ("data_root", "/data/clevr")
-    with pytest.raises(ValueError, match="field=value"):
+    assert parse_override("jsonl=a.jsonl,b.jsonl", TrainConfig) == ("jsonl", ("a.jsonl", "b.jsonl"))  # str items
+    assert parse_override("lr=none", TrainConfig) == ("lr", None)
+    with pytest.raises(ValueError, match="unknown ModelConfig field"):
         parse_override("no_such_field=1")
+    with pytest.raises(ValueError, match="expected an integer"):
+        parse_override("hidden_dim=big")

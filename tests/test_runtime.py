@@ -156,6 +156,7 @@ def test_default_model_from_environment_and_setter(bundle, real_sample, monkeypa
     image = real_sample / "images/val/CLEVR_val_000010.png"
     runtime.set_default_model(None)
     monkeypatch.delenv("QGMRN_MODEL", raising=False)
+    monkeypatch.setattr(runtime, "builtin_path", lambda: bundle / "no-such-builtin.onnx")   # an install without it
     with pytest.raises(runtime.NoModelConfigured, match="QGMRN_MODEL"):
         runtime.answer(image, "How many cubes are there?")
     monkeypatch.setenv("QGMRN_MODEL", str(bundle))

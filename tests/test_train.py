@@ -117,7 +117,8 @@ def test_sigterm_writes_a_resumable_checkpoint(tiny_data, tmp_path):
     assert "resume with --resume" in err
     step = load_checkpoint(out / "ckpt.pt")["step"]
     assert step >= 1
-    train(tiny_train_config(tiny_data, out, steps=step + 2), resume=str(out / "ckpt.pt"), **quiet)
+    # --resume without the data flags: the run's own data, preset and batch size come back
+    assert train_mod.main(["--resume", "--out", str(out), "--steps", str(step + 2)]) == 0
     assert load_checkpoint(out / "ckpt.pt")["step"] == step + 2
 
 

@@ -4,12 +4,16 @@ uint8 memory-mapped array, so training epochs do not decode PNGs.
     python -m qgmrn.data.prepare --data-root DIR --size 64 [--splits train val] [--cache-dir D]
     python -m qgmrn.data.prepare --jsonl train.jsonl --size 224
 
-Files: CACHE/{name}_{size}.u8 (N x size x size x 3) and CACHE/{name}_{size}.json (the image list).
-The trainer uses a cache when one matching the split and size is present.
+Files: CACHE/{name}_{size}.u8 (N x size x size x 3) and CACHE/{name}_{size}.json (the image list
+with each file's size and modification time, so a cache built before an image changed is not used).
+One cache per source and size, found the same way by train, evaluate and this command: beside the
+data (DATA_ROOT/qgmrn-cache, or beside the JSONL file), or under ~/.cache/qgmrn/images/ when that
+directory is read-only, or in --cache-dir.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -28,6 +32,46 @@ DEFAULT_CACHE = "qgmrn-cache"
 def cache_paths(cache_dir: str | os.PathLike, name: str, size: int) -> tuple[Path, Path]:
     base = Path(cache_dir) / f"{name}_{size}"
     return base.with_suffix(".u8"), base.with_suffix(".json")
+
+
+def _stamp(path: str) -> list[int]:
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns]
+
+
+def default_cache_dir(data_location: str | os.PathLike) -> Path:
+    """DATA/qgmrn-cache (DATA: a CLEVR root, or the directory of a JSONL file) when it can be
+    written; otherwise a per-source directory under $QGMRN_CACHE or ~/.cache/qgmrn/images."""
+    data = Path(data_location).resolve()
+    beside = data / DEFAULT_CACHE
+    if beside.is_dir() and os.access(beside, os.W_OK) or not beside.exists() and os.access(data, os.W_OK):
+        return beside
+    base = Path(os.environ.get("QGMRN_CACHE", Path.home() / ".cache" / "qgmrn"))
+    digest = hashlib.sha256(str(data).encode()).hexdigest()[:12]
+    return base / "images" / f"{data.name}-{digest}"
+
+
+def cache_name(source: str) -> str:
+    """Cache name of a split ("train", "val") or a JSONL file (its stem)."""
+    return Path(source).stem if source.endswith(".jsonl") else source
+
+
+def open_cache(cache_dir, name: str, size: int, images, build: bool, log=print) -> "ImageCache | None":
+    """The cache for these images, built first when missing or stale and `build` allows."""
+    images = sorted(set(images))
+    cache = ImageCache.find(cache_dir, name, size)
+    if cache is not None and cache.covers(images):
+        return cache
+    if not build:
+        return None
+    what = "is stale (images changed since it was built)" if cache is not None else "is missing"
+    log(f"image cache {Path(cache_dir) / name}_{size} {what}: decoding {len(images)} images once")
+    try:
+        prepare(images, cache_dir, name, size)
+    except OSError as e:
+        raise DataError(f"cannot write the image cache in {cache_dir} ({e.strerror or e}); "
+                        "give a writable --cache-dir") from e
+    return ImageCache(cache_dir, name, size)
 
 
 def _load_block(args):
@@ -51,7 +95,8 @@ def prepare(images: list[str], cache_dir: str | os.PathLike, name: str, size: in
     arr.flush()
     del arr
     os.replace(tmp, data_path)
-    write_json_atomic(index_path, {"size": size, "count": len(images), "images": images})
+    write_json_atomic(index_path, {"size": size, "count": len(images), "images": images,
+                                   "stamps": [_stamp(p) for p in images]})
     return data_path
 
 
@@ -64,6 +109,7 @@ class ImageCache:
             index = json.load(f)
         self.size = size
         self.rows = {p: i for i, p in enumerate(index["images"])}
+        self.stamps = {p: st for p, st in zip(index["images"], index.get("stamps", []))}
         self.array = np.load(data_path, mmap_mode="r")
         if self.array.shape != (index["count"], size, size, 3):
             raise DataError(f"image cache {data_path} does not match its index; run qgmrn.data.prepare again")
@@ -74,7 +120,11 @@ class ImageCache:
         return cls(cache_dir, name, size) if data_path.exists() and index_path.exists() else None
 
     def covers(self, images) -> bool:
-        return all(p in self.rows for p in images)
+        """Every image is cached, and none changed since (size and modification time)."""
+        try:
+            return all(p in self.stamps and self.stamps[p] == _stamp(p) for p in set(images))
+        except OSError:
+            return False
 
     def get(self, path: str) -> np.ndarray:
         return self.array[self.rows[path]]
@@ -92,15 +142,21 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int)
     a = ap.parse_args(argv)
     try:
+        if a.size < 1:
+            raise DataError(f"--size must be positive, got {a.size}")
         if a.data_root:
             todo = [(s, load_clevr(a.data_root, s, require_answers=False),
-                     a.cache_dir or Path(a.data_root) / DEFAULT_CACHE) for s in a.splits]
+                     a.cache_dir or default_cache_dir(a.data_root)) for s in a.splits]
         else:
-            todo = [(Path(p).stem, load_jsonl(p, require_answers=False), a.cache_dir or Path(p).parent / DEFAULT_CACHE)
-                    for p in a.jsonl]
+            todo = [(cache_name(p), load_jsonl(p, require_answers=False),
+                     a.cache_dir or default_cache_dir(Path(p).parent)) for p in a.jsonl]
         for name, samples, cache_dir in todo:
             t = time.perf_counter()
-            path = prepare([s.image for s in samples], cache_dir, name, a.size, a.workers)
+            try:
+                path = prepare([s.image for s in samples], cache_dir, name, a.size, a.workers)
+            except OSError as e:
+                raise DataError(f"cannot write the image cache in {cache_dir} ({e.strerror or e}); "
+                                "give a writable --cache-dir") from e
             print(f"{name}: {len({s.image for s in samples})} images -> {path} ({time.perf_counter() - t:.1f} s)")
     except (DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -102,6 +102,22 @@ def load_clevr(root: str | os.PathLike, split: str, require_answers: bool = True
     return _from_records(_question_list(path, "CLEVR v1.0"), path, Path(root) / "images" / split, require_answers)
 
 
+def scene_object_counts(root: str | os.PathLike, split: str) -> dict[str, int]:
+    """Image path -> number of objects, from CLEVR's scenes file ({} where there is none)."""
+    path = Path(root) / "scenes" / f"CLEVR_{split}_scenes.json"
+    if not path.exists():
+        return {}
+    data = _read_json(path)
+    scenes = data.get("scenes") if isinstance(data, dict) else None
+    if not isinstance(scenes, list):
+        raise DataError(f"{path}: expected an object with a 'scenes' list")
+    image_dir = Path(root) / "images" / split
+    try:
+        return {str(image_dir / sc["image_filename"]): len(sc["objects"]) for sc in scenes}
+    except (KeyError, TypeError) as e:
+        raise DataError(f"{path}: a scene lacks image_filename or objects ({e})") from e
+
+
 def load_humans(path: str | os.PathLike, image_dir: str | os.PathLike, require_answers: bool = True
                 ) -> list[Sample]:
     """CLEVR-Humans questions (free-form, no programs) on images in image_dir."""
@@ -129,6 +145,9 @@ def load_jsonl(path: str | os.PathLike, require_answers: bool = True) -> list[Sa
             answer = rec.get("answer")
             if answer is None and require_answers:
                 raise DataError(f"{path}: {where}: question {question!r} has no answer in a training split")
+            if answer is not None and (isinstance(answer, bool) or not isinstance(answer, (str, int))):
+                raise DataError(f"{path}: {where}: field 'answer' should be a string (or an integer), "
+                                f"got {type(answer).__name__} {json.dumps(answer)[:40]}")
             samples.append(Sample(str((path.parent / image).resolve()), question,
                                   None if answer is None else str(answer), rec.get("type"), rec.get("subtype")))
     if not samples:

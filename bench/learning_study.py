@@ -1,0 +1,173 @@
+"""Learning-curve study: which changes make QGMRN learn to find the object a question names.
+
+    python bench/learning_study.py run --data DIR --out runs/study --steps 3000 RUN [RUN ...]
+    python bench/learning_study.py report runs/study [--docs docs/learning]
+
+`run` trains each named candidate (CANDIDATES below) on the same generated CLEVR-style data with
+`python -m qgmrn.train`, evaluating every --eval-every steps on a fixed val subset the model never
+trains on; `--parallel 2 --threads 1` runs two candidates side by side, one core each, so that
+their curves compare at equal conditions. `report` prints accuracy per question type and query
+subtype against training samples and training minutes (evaluation excluded), next to the
+majority-answer baseline, and writes the table (Markdown, JSON) and curves (PNG, needs matplotlib).
+The data: `python -m qgmrn.data.generate --out DIR --images 50000 --val-images 3000`
+(CLEVR's 3-10 objects; the val split has its own scenes).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# name -> (preset, [--set FIELD=VALUE ...]); one change at a time against "plain".
+CANDIDATES: dict[str, tuple[str, list[str]]] = {
+    "plain": ("small", []),                                              # the old default
+    "plain-lr3e-4": ("small", ["lr=3e-4"]),
+    "attn": ("small+attn", ["lr=3e-4"]),
+    "attn-wide": ("small+attn", ["lr=3e-4", "attn_dim=128", "attn_layers=2"]),
+    "attn-wide-128px": ("small+attn", ["lr=3e-4", "attn_dim=128", "attn_layers=2", "image_size=128",
+                                       "stem_kernel=7", "stem_pool=true"]),
+    "attn-wide-lr1e-3": ("small+attn", ["lr=1e-3", "attn_dim=128", "attn_layers=2"]),
+    "attn-wide-c16": ("small+attn", ["lr=3e-4", "attn_dim=128", "attn_layers=2", "cardinality=16",
+                                     "stage_depths=2,2,2,2"]),
+    "plain-128px": ("small", ["image_size=128", "stem_kernel=7", "stem_pool=true"]),
+}
+TYPES = ("count", "exist", "compare_numbers", "query_attribute", "compare_attribute")
+QUERY = ("query_color", "query_shape", "query_size", "query_material")
+
+
+def run(a) -> int:
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads)) if a.threads else dict(os.environ)
+    pending = list(a.runs)
+    for name in pending:
+        if name not in CANDIDATES:
+            print(f"error: unknown candidate {name!r}; choose from {', '.join(CANDIDATES)}", file=sys.stderr)
+            return 2
+    running: list[tuple[str, subprocess.Popen, float]] = []
+    while pending or running:
+        while pending and len(running) < a.parallel:
+            name = pending.pop(0)
+            preset, sets = CANDIDATES[name]
+            cmd = [sys.executable, "-m", "qgmrn.train", "--data-root", a.data, "--preset", preset,
+                   "--steps", str(a.steps), "--out", str(out / name), "--set", f"eval_every={a.eval_every}",
+                   "--set", f"max_val={a.max_val}", "--set", "eval_every_epoch=false"]
+            for s in sets:
+                cmd += ["--set", s]
+            if (out / name / "ckpt.pt").exists():
+                cmd += ["--resume"]
+            log = open(out / f"{name}.log", "a")
+            print(" ".join(cmd), flush=True)
+            running.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env),
+                            time.time()))
+        time.sleep(5)
+        for item in list(running):
+            name, proc, t = item
+            if proc.poll() is not None:
+                print(f"{name}: exit {proc.returncode} after {time.time() - t:.0f} s", flush=True)
+                running.remove(item)
+    return 0
+
+
+def read_curves(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in recs if r.get("split") == "val" and "samples" in r]
+
+
+def report(a) -> int:
+    root = Path(a.study)
+    runs = {d.name: read_curves(d) for d in sorted(root.iterdir()) if d.is_dir()}
+    runs = {k: v for k, v in runs.items() if v}
+    if not runs:
+        print(f"error: no learning curves under {root}", file=sys.stderr)
+        return 2
+    baseline = None
+    for d in runs:
+        ev = root / d / "eval.json"
+        if ev.exists():
+            baseline = json.loads(ev.read_text()).get("majority_baseline")
+            break
+    head = ("| run | samples | train min | overall | count | exist | cmp num | query | cmp attr | "
+            "q colour | q shape | q size | q material |")
+    lines = [head, "|" + "---|" * head.count("|")[:-1] if False else "|" + "---|" * (head.count("|") - 1)]
+    table = {}
+    for name, curve in runs.items():
+        picks = curve if a.all else [r for r in curve if r is curve[-1] or curve.index(r) % a.every == a.every - 1]
+        for r in picks:
+            pt, ps = r["per_type"], r.get("per_subtype", {})
+            row = [name, f"{r['samples'] / 1e3:.0f}k", f"{r['train_seconds'] / 60:.1f}", f"{100 * r['overall']:.1f}"]
+            row += [f"{100 * pt[t]:.1f}" if t in pt else "-" for t in TYPES]
+            row += [f"{100 * ps[t]:.1f}" if t in ps else "-" for t in QUERY]
+            lines.append("| " + " | ".join(row) + " |")
+        table[name] = curve
+    if baseline:
+        pm = baseline.get("per_type_majority", {})
+        lines.append("| majority answer (per type) | - | - | " + f"{100 * baseline['overall']:.1f} | "
+                     + " | ".join(f"{100 * pm[t]:.1f}" if t in pm else "-" for t in TYPES) + " | - | - | - | - |")
+    text = "\n".join(lines)
+    print(text)
+    if a.docs:
+        docs = Path(a.docs)
+        docs.mkdir(parents=True, exist_ok=True)
+        (docs / "study.md").write_text(text + "\n")
+        (docs / "study.json").write_text(json.dumps({"baseline": baseline, "runs": table}, indent=1))
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("matplotlib not installed: no curves written", file=sys.stderr)
+            return 0
+        keys = [("overall", "overall"), ("query_attribute", "query attribute"), ("count", "count"),
+                ("query_color", "query colour")]
+        for xkey, xlabel, fname in (("samples", "training samples", "curves_samples.png"),
+                                    ("train_seconds", "training minutes (2-core CPU)", "curves_time.png")):
+            fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4))
+            for ax, (k, title) in zip(axes, keys):
+                for name, curve in table.items():
+                    xs = [r[xkey] / (60 if xkey == "train_seconds" else 1) for r in curve]
+                    ys = [r["overall"] if k == "overall" else r["per_type"].get(k, r.get("per_subtype", {}).get(k))
+                          for r in curve]
+                    ax.plot(xs, ys, label=name)
+                ax.set_title(title)
+                ax.set_xlabel(xlabel)
+                ax.grid(alpha=0.3)
+            axes[0].set_ylabel("val accuracy")
+            axes[-1].legend(fontsize=7)
+            fig.tight_layout()
+            fig.savefig(docs / fname, dpi=100)
+            plt.close(fig)
+            print(f"wrote {docs / fname}")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("runs", nargs="+")
+    r.add_argument("--data", required=True)
+    r.add_argument("--out", default="runs/study")
+    r.add_argument("--steps", type=int, default=3000)
+    r.add_argument("--eval-every", type=int, default=500)
+    r.add_argument("--max-val", type=int, default=3000)
+    r.add_argument("--parallel", type=int, default=1)
+    r.add_argument("--threads", type=int, default=0, help="OMP threads per run (0: torch's default)")
+    p = sub.add_parser("report")
+    p.add_argument("study")
+    p.add_argument("--docs")
+    p.add_argument("--every", type=int, default=2, help="table rows: every Nth evaluation and the last")
+    p.add_argument("--all", action="store_true")
+    a = ap.parse_args(argv)
+    return run(a) if a.cmd == "run" else report(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
