@@ -16,7 +16,7 @@ from qgmrn.checkpoint import load_checkpoint, model_from_checkpoint
 from qgmrn.preprocess import Vocab
 
 from .onnx_export import build_metadata, export_onnx, file_sha256, routing_precision_report
-from .parity import TOLERANCES, compare, make_batches, parity_samples, run_onnxruntime, run_torch
+from .parity import TOLERANCES, compare, make_batches, parity_samples, run_backend, run_onnxruntime, run_torch
 
 ONNX_NAME, ONNX_FP16_NAME, PARITY_NAME = "model.onnx", "model.fp16.onnx", "parity.json"
 BUNDLE_FILES = (ONNX_NAME, ONNX_FP16_NAME, PARITY_NAME)
@@ -157,6 +157,10 @@ def export_checkpoint(checkpoint, out=None, fp16: bool = False, data_root=None, 
             result["routing_precision"] = routing_precision_report(onnx.load(str(path)))
             report["artefacts"][f"onnx-{precision}"] = result
             log(_line(f"onnx-{precision}", result))
+        ov_row = openvino_parity(artefacts["fp32"], batches, reference, model.cfg.layer_sizes)
+        if ov_row is not None:
+            report["artefacts"][ov_row["name"]] = ov_row
+            log(_line(ov_row["name"], ov_row))
         report["passed"] = all(r["passed"] for r in report["artefacts"].values())
         write_report(stage, report)
         if not report["passed"]:
@@ -170,6 +174,20 @@ def export_checkpoint(checkpoint, out=None, fp16: bool = False, data_root=None, 
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
         raise
+
+
+def openvino_parity(onnx_path: Path, batches, reference, layer_sizes) -> dict | None:
+    """PyTorch vs the runtime's OpenVINO backend on the same inputs, where OpenVINO is installed
+    (fp16 tolerances: its visual path runs in bf16 where the CPU has it; routing stays float32)."""
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return None
+    from runtime.openvino_backend import OpenVINORunner
+    runner = OpenVINORunner(onnx_path)
+    result = compare(reference, run_backend(runner, batches), layer_sizes, TOLERANCES["fp16"])
+    result.update(name=f"openvino-{runner.precision}", file=onnx_path.name, backend=runner.name)
+    return result
 
 
 def write_report(directory: Path, report: dict) -> None:

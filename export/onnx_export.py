@@ -67,7 +67,17 @@ def build_metadata(state: dict, checkpoint_sha256: str, precision: str) -> dict:
         "inputs": list(INPUT_NAMES), "outputs": list(OUTPUT_NAMES),
         "qgmrn_version": qgmrn.__version__, "torch_version": torch.__version__, "onnx_version": onnx.__version__,
         "opset": OPSET, "checkpoint_sha256": checkpoint_sha256,
+        # how it was trained: the recipe (--config file) where there was one, and the run's settings
+        "recipe": (state.get("train_config") or {}).get("recipe"),
+        "training": {k: v for k, v in (state.get("train_config") or {}).items()
+                     if k in TRAINING_KEYS},
+        "train_steps": int(state.get("step", 0)), "train_seconds": float(state.get("train_seconds", 0.0)),
     }
+
+
+# The settings that decide what a model learned (paths and reporting are left out).
+TRAINING_KEYS = ("preset", "epochs", "steps", "batch_size", "lr", "warmup_steps", "load_weight", "seed",
+                 "generate_images", "curriculum_objects", "curriculum_steps", "precision", "recipe")
 
 
 def export_onnx(model: QGMRN, path: str | os.PathLike, metadata: dict, fp16: bool = False,

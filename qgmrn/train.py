@@ -68,6 +68,7 @@ class TrainConfig:
     cache_dir: str | None = None             # image cache; default beside the data, or ~/.cache/qgmrn
                                              # when the data directory is read-only
     progress_every: float = 30.0             # seconds between progress lines when stderr is no terminal
+    recipe: str | None = None                # the --config file the run came from (exports record it)
 
 
 # What --resume may change: how long to train, and how the run reports and reads; all else
@@ -315,30 +316,6 @@ def training_precision(cfg: TrainConfig, device: torch.device) -> torch.dtype | 
     if device.type == "cuda" or cpu_has_amx_bf16():
         return torch.bfloat16
     return None
-
-
-# -- distributed -------------------------------------------------------------------------------
-def _dist_setup():
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    return rank, world, device
-
-
-def _all_sum(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t
-
 
 
 # -- distributed -------------------------------------------------------------------------------
@@ -830,6 +807,7 @@ def parse_args(argv=None):
             if not isinstance(data, dict):
                 raise SettingsError(f"--config {a.config}: expected a JSON object, got {type(data).__name__}")
             data = dict(data)
+            data.setdefault("recipe", Path(a.config).name)
             model_overrides.update(typed(ModelConfig, data.pop("model", {}), f"--config {a.config} model"))
             chosen.update(typed(TrainConfig, data, f"--config {a.config}"))
         for item in a.set:

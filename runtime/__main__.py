@@ -16,7 +16,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=os.environ.get("QGMRN_MODEL") or BUILTIN,
                     help="exported .onnx, bundle directory, TensorRT engine, or 'builtin' "
                          "(default: $QGMRN_MODEL, else the built-in model)")
-    ap.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime", "cpu"])
+    ap.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime", "openvino", "cpu"])
     ap.add_argument("--top-k", type=int, default=1)
     ap.add_argument("--json", action="store_true", help="print the full prediction as JSON")
     a = ap.parse_args(argv)

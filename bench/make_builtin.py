@@ -1,0 +1,95 @@
+"""Ship a trained checkpoint as the runtime's built-in model, with the numbers of its model card.
+
+    python bench/make_builtin.py runs/looks/ckpt.pt [--val-root DIR] [--dest runtime/models]
+
+1. exports the checkpoint (fp32 ONNX, parity against PyTorch on the generated val images and on
+   the real CLEVR sample) into a temporary bundle;
+2. evaluates the checkpoint on the held-apart generated val split it never trained on (per type,
+   per subtype, execution ratio per layer) and on the real CLEVR renders in ../shared/data;
+3. answers a small fixed sample (the real CLEVR val questions and a generated set from a seed of
+   its own) through the torch-free runtime and records how many it gets right: the tests pin that;
+4. copies model.onnx to DEST/builtin.onnx and writes DEST/builtin.json (the card's numbers).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+REAL_SAMPLE = REPO.parent / "shared" / "data" / "clevr-real-sample"
+PINNED_SEED = 4242            # the generated pinned sample: its own seed, CLEVR's 3-10 objects
+PINNED_IMAGES = 20
+
+
+def pinned_generated(root: Path) -> Path:
+    from qgmrn.data.generate import generate
+    generate(root, images=1, val_images=PINNED_IMAGES, questions=10, seed=PINNED_SEED, workers=1,
+             log=lambda *a: None)
+    return root
+
+
+def runtime_score(onnx_path: Path, samples) -> dict:
+    import runtime
+    model = runtime.load(onnx_path, backend="cpu")
+    got = model.answer_batch([s.image for s in samples], [s.question for s in samples])
+    return {"n": len(samples), "correct": sum(g == s.answer for g, s in zip(got, samples))}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint")
+    ap.add_argument("--val-root", help="CLEVR-layout data whose val split is the card's held-apart set "
+                                       "(default: the data the checkpoint trained on)")
+    ap.add_argument("--dest", default=str(REPO / "runtime" / "models"))
+    a = ap.parse_args(argv)
+    import torch
+    from export.bundle import export_checkpoint
+    from qgmrn.checkpoint import load_checkpoint, model_from_checkpoint
+    from qgmrn.data.sources import load_clevr
+    from qgmrn.evaluate import build_eval_dataset, evaluate_model, public
+
+    state = load_checkpoint(a.checkpoint)
+    val_root = a.val_root or state["train_config"].get("data_root")
+    model = model_from_checkpoint(state).eval()
+    card: dict = {"checkpoint": Path(a.checkpoint).name, "train_config": state["train_config"],
+                  "model_config": state["model_config"], "train_steps": state["step"],
+                  "train_seconds": state.get("train_seconds"), "parameters": sum(p.numel() for p in model.parameters())}
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    for name, root in (("generated_val", val_root), ("real_clevr_val", REAL_SAMPLE)):
+        dataset = build_eval_dataset(state, root, None, "val")
+        card[name] = public(evaluate_model(model, dataset, 256, "cpu"))
+        card[name]["data"] = str(root)
+        print(f"{name}: {card[name]['overall']:.3f} on {card[name]['n']} questions", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        gen = pinned_generated(tmp / "pinned")
+        staged = export_checkpoint(a.checkpoint, tmp / "bundle", data_root=str(val_root), parity_n=300,
+                                   extra_samples=load_clevr(REAL_SAMPLE, "val"), log=print)
+        card["parity"] = staged.report["artefacts"]["onnx-fp32"]
+        card["parity_inputs"] = staged.report["inputs"] + " + the real CLEVR sample's val questions"
+        onnx_path = staged.stage / "model.onnx"
+        card["pinned"] = {"real_clevr_val": runtime_score(onnx_path, load_clevr(REAL_SAMPLE, "val")),
+                          "generated": {**runtime_score(onnx_path, load_clevr(gen, "val")),
+                                        "seed": PINNED_SEED, "images": PINNED_IMAGES}}
+        card["bytes"] = onnx_path.stat().st_size
+        dest = Path(a.dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(onnx_path, dest / "builtin.onnx")
+        shutil.rmtree(staged.stage, ignore_errors=True)
+    from export.onnx_export import read_metadata
+    meta = read_metadata(str(dest / "builtin.onnx"))
+    card["checkpoint_sha256"] = meta["checkpoint_sha256"]
+    card["recipe"] = meta.get("recipe")
+    (dest / "builtin.json").write_text(json.dumps(card, indent=1) + "\n")
+    print(json.dumps({k: card[k] for k in ("bytes", "pinned", "recipe", "checkpoint_sha256")}, indent=1))
+    print(f"wrote {dest / 'builtin.onnx'} and {dest / 'builtin.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

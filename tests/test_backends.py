@@ -1,0 +1,77 @@
+"""Runtime backends: OpenVINO with float32 routing, and auto's ordered fallback."""
+import logging
+import shutil
+
+import numpy as np
+import pytest
+
+import runtime
+from export.to_onnx import main as to_onnx_main
+from qgmrn.data.sources import load_clevr
+from runtime import backends
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_checkpoint, tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("backends") / "bundle"
+    assert to_onnx_main([str(tiny_checkpoint), "--out", str(out), "--data-root", str(tiny_data),
+                         "--parity-samples", "16"]) == 0
+    return out
+
+
+def _feeds(model, samples):
+    from qgmrn.preprocess import encode_batch, preprocess_image
+    tokens, lengths, _ = encode_batch(model.vocab, [s.question for s in samples])
+    images = np.stack([preprocess_image(s.image, model.image_size) for s in samples])
+    return {"image": images, "tokens": tokens, "lengths": lengths}
+
+
+def test_openvino_keeps_routing_float32_and_answers_like_onnxruntime(bundle, tiny_data, real_sample):
+    pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'qgmrn[openvino]')")
+    ov = runtime.load(bundle, backend="openvino")
+    ref = runtime.load(bundle, backend="cpu")
+    assert ov.backend.startswith("OpenVINO") and "routing f32" in ov.backend
+    samples = load_clevr(real_sample, "val") + load_clevr(tiny_data, "val")
+    feeds = _feeds(ref, samples)
+    a, b = ov._runner.run(feeds), ref._runner.run(feeds)
+    np.testing.assert_allclose(a["route_logits"], b["route_logits"], rtol=0, atol=1e-5)   # float32 path
+    assert (a["gates"] == b["gates"]).all()
+    assert np.abs(a["logits"] - b["logits"]).max() < 5e-2                               # bf16 visual path
+    agree = np.mean(a["logits"].argmax(1) == b["logits"].argmax(1))
+    assert agree >= 0.99
+
+
+def test_export_parity_has_an_openvino_row_when_installed(bundle):
+    pytest.importorskip("openvino", reason="OpenVINO is not installed")
+    import json
+    report = json.loads((bundle / "parity.json").read_text())
+    rows = [k for k in report["artefacts"] if k.startswith("openvino-")]
+    assert rows and report["artefacts"][rows[0]]["passed"]
+    assert report["artefacts"][rows[0]]["gates_differ_outside_eps"] == 0
+
+
+def test_auto_falls_back_when_the_preferred_backend_cannot_run(bundle, monkeypatch, caplog):
+    def broken(path, precision="auto"):
+        raise runtime.ModelError("simulated: OpenVINO cannot compile this model")
+    import runtime.openvino_backend as ovb
+    monkeypatch.setattr(backends, "openvino_preferred", lambda: (True, "test"))
+    monkeypatch.setattr(ovb, "OpenVINORunner", broken)
+    with caplog.at_level(logging.WARNING, logger="runtime"):
+        model = runtime.load(bundle)
+    assert model.backend.startswith("onnxruntime")
+    assert "OpenVINO" in caplog.text and "simulated" in caplog.text
+    assert model._runner.fallbacks and "simulated" in model._runner.fallbacks[0]
+    with pytest.raises(runtime.ModelError, match="simulated"):
+        runtime.load(bundle, backend="openvino")                 # an explicit backend raises
+
+
+def test_an_engine_that_cannot_run_here_falls_back_to_the_onnx(bundle, tmp_path, monkeypatch):
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    (copy / "model.engine").write_bytes(b"not an engine for this machine")
+    monkeypatch.setattr(backends, "tensorrt_usable", lambda: True)
+    model = runtime.load(copy)
+    assert model.backend.startswith("onnxruntime") and model._runner.fallbacks
+    assert "TensorRT" in model._runner.fallbacks[0]
+    with pytest.raises(runtime.ModelError):
+        runtime.load(copy, backend="tensorrt")
