@@ -73,36 +73,79 @@ class TrtRunner:
         self._cudart = _cudart()
         self._stream = _check(self._cudart.cudaStreamCreate())
         self._lock = threading.Lock()
+        self._ptrs: dict[str, int] = {}
+        self._alloc_key = None
+        profile = info.get("profile", {})
+        self.max_batch = int(profile.get("max_batch", 64))
+        self.max_len = int(profile.get("max_len", 0))
         self.outputs = [n for n in (self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors))
                         if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Batches larger than the engine profile's maximum run in slices; questions longer than
+        its maximum length are refused with the runtime's usual error."""
+        check_question_length(feeds, self.max_len)
+        parts = [self._run(part) for part in split_feeds(feeds, self.max_batch)]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def _buffers(self, shapes: dict[str, tuple]) -> dict[str, int]:
+        """Device buffers for these input shapes, allocated once per shape set and reused."""
+        key = tuple(sorted(shapes.items()))
+        if self._alloc_key != key:
+            self._free()
+            for name, shape in shapes.items():
+                if not self.context.set_input_shape(name, shape):
+                    raise ModelError(f"the engine's profile does not accept {name} of shape {shape}")
+            sizes = {n: (shapes[n], self.engine.get_tensor_dtype(n)) for n in shapes}
+            sizes.update({n: (tuple(self.context.get_tensor_shape(n)), self.engine.get_tensor_dtype(n))
+                          for n in self.outputs})
+            for name, (shape, dtype) in sizes.items():
+                nbytes = int(np.prod(shape)) * np.dtype(self._trt.nptype(dtype)).itemsize
+                ptr = _check(self._cudart.cudaMalloc(max(1, nbytes)))
+                self._ptrs[name] = ptr
+                self.context.set_tensor_address(name, int(ptr))
+            self._alloc_key = key
+        return self._ptrs
+
+    def _free(self) -> None:
+        for ptr in self._ptrs.values():
+            self._cudart.cudaFree(ptr)
+        self._ptrs, self._alloc_key = {}, None
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cudart, trt = self._cudart, self._trt
         H2D, D2H = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         with self._lock:
-            allocations = []
-            try:
-                for name, arr in feeds.items():
-                    arr = np.ascontiguousarray(arr, dtype=trt.nptype(self.engine.get_tensor_dtype(name)))
-                    self.context.set_input_shape(name, arr.shape)
-                    ptr = _check(cudart.cudaMalloc(max(1, arr.nbytes)))
-                    allocations.append(ptr)
-                    _check(cudart.cudaMemcpyAsync(ptr, arr.ctypes.data, arr.nbytes, H2D, self._stream))
-                    self.context.set_tensor_address(name, int(ptr))
-                results = {}
-                for name in self.outputs:
-                    shape = tuple(self.context.get_tensor_shape(name))
-                    out = np.empty(shape, dtype=trt.nptype(self.engine.get_tensor_dtype(name)))
-                    ptr = _check(cudart.cudaMalloc(max(1, out.nbytes)))
-                    allocations.append(ptr)
-                    self.context.set_tensor_address(name, int(ptr))
-                    results[name] = (out, ptr)
-                if not self.context.execute_async_v3(int(self._stream)):
-                    raise RuntimeError("TensorRT execution failed")
-                for out, ptr in results.values():
-                    _check(cudart.cudaMemcpyAsync(out.ctypes.data, ptr, out.nbytes, D2H, self._stream))
-                _check(cudart.cudaStreamSynchronize(self._stream))
-                return {name: out.astype(np.float32) for name, (out, _) in results.items()}
-            finally:
-                for ptr in allocations:
-                    cudart.cudaFree(ptr)
+            arrays = {n: np.ascontiguousarray(a, dtype=trt.nptype(self.engine.get_tensor_dtype(n)))
+                      for n, a in feeds.items()}
+            ptrs = self._buffers({n: a.shape for n, a in arrays.items()})
+            for name, arr in arrays.items():
+                _check(cudart.cudaMemcpyAsync(ptrs[name], arr.ctypes.data, arr.nbytes, H2D, self._stream))
+            results = {n: np.empty(tuple(self.context.get_tensor_shape(n)),
+                                   dtype=trt.nptype(self.engine.get_tensor_dtype(n))) for n in self.outputs}
+            if not self.context.execute_async_v3(int(self._stream)):
+                raise RuntimeError("TensorRT execution failed")
+            for name, out in results.items():
+                _check(cudart.cudaMemcpyAsync(out.ctypes.data, ptrs[name], out.nbytes, D2H, self._stream))
+            _check(cudart.cudaStreamSynchronize(self._stream))
+            return {name: out.astype(np.float32) for name, out in results.items()}
+
+    def __del__(self):
+        try:
+            self._free()
+        except Exception:
+            pass
+
+
+def split_feeds(feeds: dict[str, np.ndarray], max_batch: int) -> list[dict[str, np.ndarray]]:
+    """Slices of at most max_batch samples (every input sliced alike)."""
+    n = len(next(iter(feeds.values())))
+    return [{k: v[i:i + max_batch] for k, v in feeds.items()} for i in range(0, n, max(1, max_batch))]
+
+
+def check_question_length(feeds: dict[str, np.ndarray], max_len: int) -> None:
+    from .errors import QuestionError
+    length = feeds["tokens"].shape[1]
+    if max_len and length > max_len:
+        raise QuestionError(f"a question of {length} tokens is longer than this engine's profile allows "
+                            f"({max_len}); rebuild the engine with a larger --max-len or use the .onnx")

@@ -75,3 +75,39 @@ def test_an_engine_that_cannot_run_here_falls_back_to_the_onnx(bundle, tmp_path,
     assert "TensorRT" in model._runner.fallbacks[0]
     with pytest.raises(runtime.ModelError):
         runtime.load(copy, backend="tensorrt")
+
+
+def test_tensorrt_runner_slices_big_batches_and_refuses_long_questions():
+    from runtime.trt_engine import check_question_length, split_feeds
+    feeds = {"image": np.zeros((10, 3, 2, 2), np.float32), "tokens": np.ones((10, 7), np.int64),
+             "lengths": np.full(10, 7, np.int64)}
+    parts = split_feeds(feeds, 4)
+    assert [len(p["image"]) for p in parts] == [4, 4, 2] and all(len(p["tokens"]) == len(p["image"]) for p in parts)
+    check_question_length(feeds, 7)
+    with pytest.raises(runtime.QuestionError, match="longer than this engine's profile"):
+        check_question_length(feeds, 6)
+
+
+def test_a_failed_engine_build_leaves_nothing_and_says_one_line(tiny_checkpoint, tiny_data, tmp_path, monkeypatch,
+                                                                capsys):
+    import export.to_trt as to_trt
+    import runtime.trt_engine as trt_engine
+    monkeypatch.setattr(to_trt, "missing_requirements", lambda: [])
+    monkeypatch.setattr(trt_engine, "trt_major", lambda: 10)
+    built_from = []
+
+    def failing_build(onnx_path, engine_path, opts, log=print):
+        import onnx
+        graph = onnx.load(str(onnx_path)).graph
+        groups = [a.i for n in graph.node if n.op_type == "Conv" for a in n.attribute if a.name == "group"]
+        built_from.append((onnx_path, groups))
+        raise RuntimeError("simulated parser failure")
+    monkeypatch.setattr(to_trt, "build_engine", failing_build)
+    code = to_trt.main([str(tiny_checkpoint), "--out", str(tmp_path / "b"), "--data-root", str(tiny_data),
+                        "--parity-samples", "8"])
+    err = capsys.readouterr().err
+    assert code == 1 and "TensorRT could not build model.engine: simulated parser failure" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []                  # no bundle, no staging dir
+    path, groups = built_from[0]
+    assert not path.exists()                                                 # a temporary graph, removed
+    assert 4 in groups              # the paper's groups (tiny: cardinality 4), not merged for CPU kernels
