@@ -33,6 +33,24 @@ def pinned_generated(root: Path) -> Path:
     return root
 
 
+def check_recipe(path: Path, state: dict) -> str:
+    """The recipe's training settings must be the checkpoint's (paths and reporting aside)."""
+    from export.onnx_export import TRAINING_KEYS
+    from qgmrn.train import TrainConfig
+    recipe = json.loads(path.read_text())
+    saved = state["train_config"]
+    defaults = TrainConfig()
+    for key in TRAINING_KEYS:
+        if key in ("recipe", "generate_images"):
+            continue
+        want = recipe.get(key, getattr(defaults, key))
+        if key == "lr" and want is None:
+            continue                                   # resolved by the trainer from the preset
+        if saved.get(key) != want:
+            raise SystemExit(f"error: {path} sets {key}={want!r} but the checkpoint was trained with {saved.get(key)!r}")
+    return path.name
+
+
 def runtime_score(onnx_path: Path, samples) -> dict:
     import runtime
     model = runtime.load(onnx_path, backend="cpu")
@@ -46,6 +64,8 @@ def main(argv=None) -> int:
     ap.add_argument("--val-root", help="CLEVR-layout data whose val split is the card's held-apart set "
                                        "(default: the data the checkpoint trained on)")
     ap.add_argument("--dest", default=str(REPO / "runtime" / "models"))
+    ap.add_argument("--recipe", help="the recipe (config file) the run followed; checked against the "
+                                     "checkpoint's settings and recorded in the metadata")
     a = ap.parse_args(argv)
     import torch
     from export.bundle import export_checkpoint
@@ -54,6 +74,9 @@ def main(argv=None) -> int:
     from qgmrn.evaluate import build_eval_dataset, evaluate_model, public
 
     state = load_checkpoint(a.checkpoint)
+    recipe = None
+    if a.recipe:
+        recipe = check_recipe(Path(a.recipe), state)
     val_root = a.val_root or state["train_config"].get("data_root")
     model = model_from_checkpoint(state).eval()
     card: dict = {"checkpoint": Path(a.checkpoint).name, "train_config": state["train_config"],
@@ -69,7 +92,7 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         gen = pinned_generated(tmp / "pinned")
         staged = export_checkpoint(a.checkpoint, tmp / "bundle", data_root=str(val_root), parity_n=300,
-                                   extra_samples=load_clevr(REAL_SAMPLE, "val"), log=print)
+                                   extra_samples=load_clevr(REAL_SAMPLE, "val"), log=print, recipe=recipe)
         card["parity"] = staged.report["artefacts"]["onnx-fp32"]
         card["parity_inputs"] = staged.report["inputs"] + " + the real CLEVR sample's val questions"
         onnx_path = staged.stage / "model.onnx"

@@ -108,7 +108,8 @@ def keep_failed(stage: Path, out: Path) -> Path:
 
 
 def export_checkpoint(checkpoint, out=None, fp16: bool = False, data_root=None, jsonl=None,
-                      parity_n: int = 300, extra_samples=(), log=print, overwrite: bool = False) -> Staged:
+                      parity_n: int = 300, extra_samples=(), log=print, overwrite: bool = False,
+                      recipe: str | None = None) -> Staged:
     """Export ONNX artefacts and check parity against PyTorch.
 
     The caller publishes the stage (after adding engines) with publish(); a parity failure raises
@@ -118,6 +119,8 @@ def export_checkpoint(checkpoint, out=None, fp16: bool = False, data_root=None, 
     if parity_n < 1:
         raise ExportError(f"--parity-samples must be at least 1, got {parity_n}", 2)
     state = load_checkpoint(checkpoint)
+    if recipe:                  # the recipe (config file) the run followed, for the metadata
+        state = {**state, "train_config": {**(state.get("train_config") or {}), "recipe": recipe}}
     model = model_from_checkpoint(state).eval()
     answers = list(state["answers"])
     if len(answers) != model.cfg.num_answers or len(set(answers)) != len(answers):
