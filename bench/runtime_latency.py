@@ -60,8 +60,15 @@ def worker(kind: str, bundle: str, checkpoint: str, iters: int) -> dict:
         import runtime
         from qgmrn.preprocess import encode_batch, preprocess_image
         files = {"onnxruntime-fp32": "model.onnx", "onnxruntime-fp16": "model.fp16.onnx",
-                 "ort-fp32-unmerged": "model.unmerged.onnx"}
-        model = runtime.load(Path(bundle) / files[kind], backend="cpu")
+                 "ort-fp32-unmerged": "model.unmerged.onnx", "openvino-bf16": "model.onnx",
+                 "openvino-f32": "model.onnx", "ov-bf16-unmerged": "model.unmerged.onnx", "auto": "model.onnx"}
+        if kind.startswith(("openvino", "ov-")):
+            from runtime.openvino_backend import OpenVINORunner
+            model = runtime.load(Path(bundle) / files[kind], backend="cpu")
+            model._runner = OpenVINORunner(Path(bundle) / files[kind], "f32" if kind.endswith("f32") else "bf16")
+            model.backend = model._runner.name
+        else:
+            model = runtime.load(Path(bundle) / files[kind], backend="auto" if kind == "auto" else "cpu")
         vocab, size = model.vocab, model.image_size
         runner = model._runner
 
@@ -71,7 +78,7 @@ def worker(kind: str, bundle: str, checkpoint: str, iters: int) -> dict:
     answer(images[0], QUESTIONS[0])
     cold = time.perf_counter() - t0
     import numpy as np
-    results = {"kind": kind, "cold_start_s": cold}
+    results = {"kind": kind, "cold_start_s": cold, "backend": model.backend if kind != "pytorch" else "torch"}
     for batch in (1, 8):
         pixels = np.stack([preprocess_image(images[i % len(images)], size) for i in range(batch)])
         tokens, lengths, _ = encode_batch(vocab, [QUESTIONS[i % len(QUESTIONS)] for i in range(batch)])
@@ -153,7 +160,14 @@ def main(argv=None) -> int:
           f"float32 matmul (numpy, {os.cpu_count()} cores): {peak:.0f} GFLOP/s")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     rows = []
-    for kind in ("pytorch", "onnxruntime-fp32", "onnxruntime-fp16", "ort-fp32-unmerged"):
+    kinds = ["pytorch", "onnxruntime-fp32", "onnxruntime-fp16", "ort-fp32-unmerged", "auto"]
+    try:
+        import openvino  # noqa: F401
+        from runtime.openvino_backend import cpu_has_bf16
+        kinds += ["openvino-f32"] + (["openvino-bf16", "ov-bf16-unmerged"] if cpu_has_bf16(openvino.Core()) else [])
+    except ImportError:
+        print("OpenVINO is not installed: no OpenVINO rows (pip install 'qgmrn[openvino]')")
+    for kind in kinds:
         out = subprocess.run([sys.executable, __file__, "--worker", kind, "--bundle", str(tmp / "bundle"),
                               "--checkpoint", ckpt, "--iters", str(a.iters)], env=env, capture_output=True, text=True)
         if out.returncode != 0:
@@ -171,6 +185,10 @@ def main(argv=None) -> int:
               f"{med1 / 1e3 / base['b1']:>11.2f}x{med8:>9.1f}{med8 / 1e3 / base['b8']:>11.2f}x"
               f"{np.median(r['answer_e2e']) * 1e3:>12.1f}{r['cold_start_s']:>8.2f}{r['peak_rss_mib']:>14.0f}"
               f"{100 * frac:>7.0f}%{str(r['torch_imported']):>8}")
+    auto = [r for r in rows if r["kind"] == "auto"]
+    if auto:
+        print(f"\nauto chose {auto[0]['backend']}: batch 1 {np.median(auto[0]['b1']) / base['b1']:.2f}x eager, "
+              f"batch 8 {np.median(auto[0]['b8']) / base['b8']:.2f}x")
     if len(rows) > 1:
         print(f"\nruntime (onnxruntime fp32) / PyTorch eager: batch-1 latency {np.median(rows[1]['b1']) / base['b1']:.2f}x, "
               f"peak RSS {rows[1]['peak_rss_mib'] / rows[0]['peak_rss_mib']:.2f}x, cold start "

@@ -328,3 +328,14 @@ def test_evaluate_skips_questions_over_the_limit_and_checks_outputs_first(tiny_c
     assert evaluate_main([str(tiny_checkpoint), "--jsonl", str(tmp_path / "e.jsonl")]) == 0
     captured = capsys.readouterr()
     assert "1 question(s) longer than the model's limit" in captured.err and "accuracy on 1 questions" in captured.out
+
+
+def test_a_full_disk_stops_training_with_one_clear_message(tiny_data, tmp_path, monkeypatch):
+    import errno
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(train_mod, "save_checkpoint", full)
+    with pytest.raises(TrainingStopped, match="cannot write the checkpoint .* No space left on device") as e:
+        train(tiny_train_config(tiny_data, tmp_path / "r", steps=2, save_every=1), **quiet)
+    assert e.value.code == 1
