@@ -1,7 +1,8 @@
 """Learning-curve study: which changes make QGMRN learn to find the object a question names.
 
     python bench/learning_study.py run --data DIR --out runs/study --steps 3000 RUN [RUN ...]
-    python bench/learning_study.py report runs/study [--docs docs/learning]
+    python bench/learning_study.py baselines --data DIR --out runs/study/_baselines
+    python bench/learning_study.py report runs/study [runs/other-run ...] [--docs docs/learning]
 
 `run` trains each named candidate (CANDIDATES below) on the same generated CLEVR-style data with
 `python -m qgmrn.train`, evaluating every --eval-every steps on a fixed val subset the model never
@@ -81,19 +82,33 @@ def read_curves(run_dir: Path) -> list[dict]:
     return [r for r in recs if r.get("split") == "val" and "samples" in r]
 
 
+def baselines(a) -> int:
+    """Majority-answer and question-only baselines on the val questions the study evaluates on."""
+    from qgmrn.data.sources import load_clevr, majority_baseline, question_only_baseline
+    train, val = load_clevr(a.data, "train"), load_clevr(a.data, "val")[:a.max_val]
+    out = {"majority_baseline": majority_baseline(train, val), "question_only": question_only_baseline(train, val),
+           "val_questions": len(val)}
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    (Path(a.out) / "baseline.json").write_text(json.dumps(out, indent=1))
+    print(json.dumps(out, indent=1))
+    return 0
+
+
 def report(a) -> int:
-    root = Path(a.study)
-    runs = {d.name: read_curves(d) for d in sorted(root.iterdir()) if d.is_dir()}
+    dirs = []
+    for p in map(Path, a.study):
+        dirs += [p] if (p / "metrics.jsonl").exists() else sorted(d for d in p.iterdir() if d.is_dir())
+    runs = {d.name: read_curves(d) for d in dirs}
     runs = {k: v for k, v in runs.items() if v}
     if not runs:
-        print(f"error: no learning curves under {root}", file=sys.stderr)
+        print(f"error: no learning curves under {', '.join(a.study)}", file=sys.stderr)
         return 2
-    baseline = None
-    for d in runs:
-        ev = root / d / "eval.json"
-        if ev.exists():
-            baseline = json.loads(ev.read_text()).get("majority_baseline")
-            break
+    baseline = qonly = None
+    for d in dirs:
+        for name in ("baseline.json", "eval.json"):
+            if baseline is None and (d / name).exists():
+                data = json.loads((d / name).read_text())
+                baseline, qonly = data.get("majority_baseline"), data.get("question_only")
     head = ("| run | samples | train min | overall | count | exist | cmp num | query | cmp attr | "
             "q colour | q shape | q size | q material |")
     lines = [head, "|" + "---|" * head.count("|")[:-1] if False else "|" + "---|" * (head.count("|") - 1)]
@@ -111,6 +126,10 @@ def report(a) -> int:
         pm = baseline.get("per_type_majority", {})
         lines.append("| majority answer (per type) | - | - | " + f"{100 * baseline['overall']:.1f} | "
                      + " | ".join(f"{100 * pm[t]:.1f}" if t in pm else "-" for t in TYPES) + " | - | - | - | - |")
+    if qonly:
+        pt = qonly["per_type"]
+        lines.append("| question only (same question's most common answer) | - | - | " + f"{100 * qonly['overall']:.1f} | "
+                     + " | ".join(f"{100 * pt[t]:.1f}" if t in pt else "-" for t in TYPES) + " | - | - | - | - |")
     text = "\n".join(lines)
     print(text)
     if a.docs:
@@ -161,12 +180,16 @@ def main(argv=None) -> int:
     r.add_argument("--parallel", type=int, default=1)
     r.add_argument("--threads", type=int, default=0, help="OMP threads per run (0: torch's default)")
     p = sub.add_parser("report")
-    p.add_argument("study")
+    p.add_argument("study", nargs="+", help="study directories (of runs) or run directories")
     p.add_argument("--docs")
     p.add_argument("--every", type=int, default=2, help="table rows: every Nth evaluation and the last")
     p.add_argument("--all", action="store_true")
+    b = sub.add_parser("baselines")
+    b.add_argument("--data", required=True)
+    b.add_argument("--out", required=True, help="directory for baseline.json (e.g. the study's)")
+    b.add_argument("--max-val", type=int, default=3000)
     a = ap.parse_args(argv)
-    return run(a) if a.cmd == "run" else report(a)
+    return {"run": run, "report": report, "baselines": baselines}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -161,6 +161,27 @@ def answer_list(samples: list[Sample]) -> list[str]:
     return sorted({s.answer for s in samples if s.answer is not None})
 
 
+def question_only_baseline(train: list[Sample], val: list[Sample]) -> dict:
+    """Accuracy on val of answering from the question alone: the training split's most common
+    answer for the same question text, else for the same subtype (the prior a blind model learns)."""
+    from collections import Counter, defaultdict
+
+    by_text, by_sub = defaultdict(Counter), defaultdict(Counter)
+    for s in train:
+        by_text[s.question.lower()][s.answer] += 1
+        by_sub[s.subtype][s.answer] += 1
+    hits, totals = defaultdict(int), defaultdict(int)
+    correct = 0
+    for s in val:
+        c = by_text.get(s.question.lower()) or by_sub.get(s.subtype) or Counter({"": 1})
+        ok = c.most_common(1)[0][0] == s.answer
+        correct += ok
+        hits[s.qtype] += ok
+        totals[s.qtype] += 1
+    return {"overall": correct / max(1, len(val)),
+            "per_type": {t: hits[t] / totals[t] for t in totals if t is not None}}
+
+
 def majority_baseline(train: list[Sample], val: list[Sample]) -> dict:
     """Accuracy on val of always answering the training split's most common answer, overall and
     per question type (each type's own most common answer)."""
