@@ -64,7 +64,12 @@ def open_cache(cache_dir, name: str, size: int, images, build: bool, log=print) 
         return cache
     if not build:
         return None
-    what = "is stale (images changed since it was built)" if cache is not None else "is missing"
+    if cache is None:
+        what = "is missing"
+    elif not cache.stamps:
+        what = "has no record of its images' sizes and times (built by an older qgmrn)"
+    else:
+        what = "is stale (images changed since it was built)"
     log(f"image cache {Path(cache_dir) / name}_{size} {what}: decoding {len(images)} images once")
     try:
         prepare(images, cache_dir, name, size)
