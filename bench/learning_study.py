@@ -154,7 +154,7 @@ def report(a) -> int:
                     xs = [r[xkey] / (60 if xkey == "train_seconds" else 1) for r in curve]
                     ys = [r["overall"] if k == "overall" else r["per_type"].get(k, r.get("per_subtype", {}).get(k))
                           for r in curve]
-                    ax.plot(xs, ys, label=name)
+                    ax.plot(xs, ys, marker=".", label=name)
                 ax.set_title(title)
                 ax.set_xlabel(xlabel)
                 ax.grid(alpha=0.3)

@@ -82,7 +82,9 @@ def main(argv=None) -> int:
     card: dict = {"checkpoint": Path(a.checkpoint).name, "train_config": state["train_config"],
                   "model_config": state["model_config"], "train_steps": state["step"],
                   "train_seconds": state.get("train_seconds"), "parameters": sum(p.numel() for p in model.parameters())}
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    from qgmrn.data.sources import majority_baseline, question_only_baseline
+    train_s, val_s = load_clevr(val_root, "train"), load_clevr(val_root, "val")
+    card["baselines"] = {"majority": majority_baseline(train_s, val_s), "question_only": question_only_baseline(train_s, val_s)}
     for name, root in (("generated_val", val_root), ("real_clevr_val", REAL_SAMPLE)):
         dataset = build_eval_dataset(state, root, None, "val")
         card[name] = public(evaluate_model(model, dataset, 256, "cpu"))
@@ -111,7 +113,43 @@ def main(argv=None) -> int:
     (dest / "builtin.json").write_text(json.dumps(card, indent=1) + "\n")
     print(json.dumps({k: card[k] for k in ("bytes", "pinned", "recipe", "checkpoint_sha256")}, indent=1))
     print(f"wrote {dest / 'builtin.onnx'} and {dest / 'builtin.json'}")
+    print(card_markdown(card))
     return 0
+
+
+TITLES = {"count": "Count", "exist": "Exist", "compare_numbers": "Compare Numbers",
+          "query_attribute": "Query Attribute", "compare_attribute": "Compare Attribute"}
+
+
+def card_markdown(card: dict) -> str:
+    """The model card's tables, from builtin.json."""
+    g, r = card["generated_val"], card["real_clevr_val"]
+    types = [t for t in TITLES if t in g["per_type"]]
+    lines = ["| split | questions | Overall | " + " | ".join(TITLES[t] for t in types) + " |",
+             "|---|---|---|" + "---|" * len(types)]
+    for name, res in (("generated val (held apart)", g), ("real CLEVR val sample", r)):
+        lines.append(f"| {name} | {res['n']} | {100 * res['overall']:.1f} | "
+                     + " | ".join(f"{100 * res['per_type'][t]:.1f}" if t in res["per_type"] else "-" for t in types) + " |")
+    b = card.get("baselines")
+    if b:
+        m, q = b["majority"], b["question_only"]
+        lines.append("| majority answer per type (generated val) | - | " + f"{100 * m['overall']:.1f} (one answer) | "
+                     + " | ".join(f"{100 * m['per_type_majority'].get(t, 0):.1f}" for t in types) + " |")
+        lines.append("| question only (generated val) | - | " + f"{100 * q['overall']:.1f} | "
+                     + " | ".join(f"{100 * q['per_type'].get(t, 0):.1f}" for t in types) + " |")
+    subs = list(g["per_subtype"])
+    lines += ["", "| subtype | " + " | ".join(subs) + " |", "|---|" + "---|" * len(subs),
+              "| generated val | " + " | ".join(f"{100 * g['per_subtype'][s]:.1f}" for s in subs) + " |"]
+    rt = g["routing"]
+    lines += ["", f"Execution ratio (generated val): overall {rt['overall_execution_ratio']:.3f}; per layer "
+              + ", ".join(f"{p['mean']:.2f} [{p['q1']:.2f}, {p['q3']:.2f}]" for p in rt["per_layer"]) + " (mean [q1, q3])"]
+    p = card["parity"]
+    lines += ["", f"Parity (fp32 ONNX vs PyTorch, {p['samples']} questions: {card['parity_inputs']}): "
+              f"max |logit diff| {p['max_abs_logit_diff']:.1e}, top-1 {100 * p['top1_agreement']:.1f}%, gates "
+              f"{100 * p['gate_agreement']:.2f}% identical ({p['route_logits_within_eps']} route logits within "
+              f"{p['eps']:g} of the threshold). File: {card['bytes'] / 2**20:.2f} MiB, {card['parameters'] / 1e6:.2f} M "
+              f"parameters, checkpoint sha256 {card['checkpoint_sha256'][:16]}..."]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -820,7 +820,7 @@ def parse_args(argv=None):
             value = getattr(a, attr)
             if value is not None:
                 chosen[name] = tuple(value) if isinstance(value, list) else value
-        cfg = TrainConfig(**chosen) if not a.resume else TrainConfig(**{k: v for k, v in chosen.items()})
+        cfg = TrainConfig(**chosen)
         if not a.resume:
             validate(cfg)
             if model_overrides and not a.init_from:

@@ -46,7 +46,7 @@ def test_export_parity_has_an_openvino_row_when_installed(bundle):
     import json
     report = json.loads((bundle / "parity.json").read_text())
     rows = [k for k in report["artefacts"] if k.startswith("openvino-")]
-    assert rows and report["artefacts"][rows[0]]["passed"]
+    assert rows and report["artefacts"][rows[0]]["advisory"]           # reported, not deciding publishing
     assert report["artefacts"][rows[0]]["gates_differ_outside_eps"] == 0
 
 
