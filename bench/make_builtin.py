@@ -67,7 +67,6 @@ def main(argv=None) -> int:
     ap.add_argument("--recipe", help="the recipe (config file) the run followed; checked against the "
                                      "checkpoint's settings and recorded in the metadata")
     a = ap.parse_args(argv)
-    import torch
     from export.bundle import export_checkpoint
     from qgmrn.checkpoint import load_checkpoint, model_from_checkpoint
     from qgmrn.data.sources import load_clevr

@@ -441,8 +441,8 @@ class Reporter:
     """metrics.jsonl, the tqdm bar on a terminal, and a plain progress line every ~30 s elsewhere
     (logs, CI, nohup)."""
 
-    def __init__(self, run: Run, path: Path, say):
-        self.run, self.say = run, say
+    def __init__(self, run: Run, path: Path, ckpt_path: Path, say):
+        self.run, self.say, self.ckpt_path = run, say, ckpt_path
         self.file = open(path, "a") if run.main else None
         self.bar = None
         self.plain = run.main and not sys.stderr.isatty()
@@ -543,10 +543,10 @@ def train_one_epoch(run: Run, reporter: Reporter, save, stop: dict, noise: torch
             (~torch.isfinite(loss.detach())).float(),
             loss.new_tensor(float(stop["signal"] is not None))])).tolist()
         if nonfinite > 0:
-            kept = (f"the last good checkpoint is kept at {reporter.ckpt_path}" if reporter.ckpt_path.exists()
-                    else "no checkpoint was written yet")
+            kept = (f"The last good checkpoint is kept at {reporter.ckpt_path}" if reporter.ckpt_path.exists()
+                    else "No checkpoint was written yet")
             raise TrainingStopped(f"non-finite loss at step {run.step} (loss {loss.item()}); stopping. "
-                                  f"{kept[0].upper() + kept[1:]}; try a lower --lr.", 3)
+                                  f"{kept}; try a lower --lr.", 3)
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         run.optimizer.step()
@@ -724,8 +724,7 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None, resume: str | N
     old_handlers = {}
     if threading.current_thread() is threading.main_thread():      # signals reach the main thread only
         old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    reporter = Reporter(run, out / "metrics.jsonl", say)
-    reporter.ckpt_path = ckpt_path
+    reporter = Reporter(run, out / "metrics.jsonl", ckpt_path, say)
     noise = torch.Generator(device=device)
     run.model.router.noise_generator = noise
     result: dict = {}
@@ -820,11 +819,7 @@ def parse_args(argv=None):
             value = getattr(a, attr)
             if value is not None:
                 chosen[name] = tuple(value) if isinstance(value, list) else value
-        cfg = TrainConfig(**chosen)
-        if not a.resume:
-            validate(cfg)
-            if model_overrides and not a.init_from:
-                model_overrides = validate_model_overrides(cfg.preset, model_overrides)
+        cfg = TrainConfig(**chosen)                  # ranges are checked by train(), before any work
     except SettingsError as e:
         ap.error(str(e))
     return cfg, model_overrides, chosen, a

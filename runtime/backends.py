@@ -105,16 +105,6 @@ def check_metadata_against_shapes(meta: dict, logits_shape, gates_shape, path) -
                          f"layer_sizes {sizes} say {len(sizes)} x {max(sizes)}")
 
 
-def tensorrt_usable() -> bool:
-    try:
-        import tensorrt  # noqa: F401
-        from .trt_engine import describe_gpu
-        describe_gpu()
-        return True
-    except Exception:
-        return False
-
-
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "openvino", "cpu")
 
 
@@ -182,8 +172,8 @@ def _require_gpu(runner):
 
 def open_runner(path: str | os.PathLike, backend: str = "auto"):
     """backend: "auto" tries, in order, a TensorRT engine > onnxruntime with the TensorRT or CUDA
-    provider > OpenVINO where it beats onnxruntime on this kind of CPU > onnxruntime CPU, and falls
-    back to the next when one cannot run here (logging why); "tensorrt", "onnxruntime" (best
+    provider > OpenVINO where openvino_preferred() allows (not today: see its docstring) >
+    onnxruntime CPU, and falls back to the next when one cannot run here (logging why); "tensorrt", "onnxruntime" (best
     onnxruntime provider), "openvino" or "cpu" name one, and raise if it cannot run."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")

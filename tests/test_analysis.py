@@ -1,7 +1,6 @@
 """The paper's analyses: routing t-SNE with a separation number, saliency, and the ablation grid."""
 import json
 
-import numpy as np
 import pytest
 import torch
 

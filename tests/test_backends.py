@@ -69,7 +69,6 @@ def test_an_engine_that_cannot_run_here_falls_back_to_the_onnx(bundle, tmp_path,
     copy = tmp_path / "bundle"
     shutil.copytree(bundle, copy)
     (copy / "model.engine").write_bytes(b"not an engine for this machine")
-    monkeypatch.setattr(backends, "tensorrt_usable", lambda: True)
     model = runtime.load(copy)
     assert model.backend.startswith(("onnxruntime", "OpenVINO")) and model._runner.fallbacks
     assert "TensorRT" in model._runner.fallbacks[0]
