@@ -77,7 +77,7 @@ def build_metadata(state: dict, checkpoint_sha256: str, precision: str) -> dict:
 
 # The settings that decide what a model learned (paths and reporting are left out).
 TRAINING_KEYS = ("preset", "epochs", "steps", "batch_size", "lr", "warmup_steps", "load_weight", "seed",
-                 "generate_images", "curriculum_objects", "curriculum_steps", "precision", "recipe")
+                 "generate_images", "curriculum_objects", "curriculum_steps", "anneal_steps", "precision", "recipe")
 
 
 def export_onnx(model: QGMRN, path: str | os.PathLike, metadata: dict, fp16: bool = False,

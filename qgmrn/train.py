@@ -50,6 +50,7 @@ class TrainConfig:
     lr: float | None = None                  # None: 3e-4 (paper 4.2), 1e-3 for the CPU presets
     warmup_steps: int = 500
     warmup_start_lr: float = 3e-6
+    anneal_steps: int = 0                    # > 0: the last this many steps decay the lr linearly to 0
     load_weight: float = 0.01                # lambda of the load-balancing loss (eq. 13)
     seed: int = 0
     out: str = "runs/qgmrn"
@@ -71,9 +72,10 @@ class TrainConfig:
     recipe: str | None = None                # the --config file the run came from (exports record it)
 
 
-# What --resume may change: how long to train, and how the run reports and reads; all else
-# (data, preset, schedule, lr, batch size, seed, precision) comes from the checkpoint.
-RESUME_MAY_CHANGE = ("epochs", "steps", "workers", "log_every", "save_every", "eval_every", "max_val",
+# What --resume may change: how long to train and how the run ends (the anneal is counted back from
+# the last step, so it moves with `steps` anyway), how the run reports and reads; all else (data,
+# preset, warmup, lr, batch size, seed, precision) comes from the checkpoint.
+RESUME_MAY_CHANGE = ("epochs", "steps", "anneal_steps", "workers", "log_every", "save_every", "eval_every", "max_val",
                      "progress_every", "cache_dir", "out")
 
 
@@ -102,7 +104,7 @@ def default_data_dir(images: int) -> Path:
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Ranges, checked before any work starts (nothing is created for a run that cannot start)."""
     positive = ("batch_size", "log_every", "save_every")
-    non_negative = ("epochs", "steps", "warmup_steps", "max_val", "workers", "eval_every",
+    non_negative = ("epochs", "steps", "warmup_steps", "anneal_steps", "max_val", "workers", "eval_every",
                     "curriculum_objects", "curriculum_steps")
     for name in positive:
         if getattr(cfg, name) < 1:
@@ -286,13 +288,19 @@ def resolve_lr(cfg: TrainConfig, mcfg: ModelConfig) -> TrainConfig:
     return dataclasses.replace(cfg, lr=1e-3 if mcfg.image_size <= 96 else 3e-4)
 
 
-def lr_lambda(cfg: TrainConfig):
+def lr_lambda(cfg: TrainConfig, total: int):
+    """Linear warmup from 3e-6, then constant (paper 4.2); with anneal_steps, the last that many
+    steps of the `total` decay linearly to 0 (a schedule the paper does not use; the learning study
+    measures it)."""
     start = cfg.warmup_start_lr / cfg.lr
 
-    def factor(step: int) -> float:               # linear warmup from 3e-6, then constant (paper 4.2)
-        if cfg.warmup_steps <= 0 or step >= cfg.warmup_steps:
-            return 1.0
-        return start + (1.0 - start) * step / cfg.warmup_steps
+    def factor(step: int) -> float:
+        f = 1.0
+        if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+            f = start + (1.0 - start) * step / cfg.warmup_steps
+        if cfg.anneal_steps > 0:
+            f = min(f, max(0.0, (total - step) / cfg.anneal_steps))
+        return f
     return factor
 
 
@@ -419,19 +427,19 @@ def build_or_restore(cfg: TrainConfig, data: Data, resume_state, init_from, mode
     channels_last = device.type == "cuda" or amp_dtype is not None     # faster for both there
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    per_epoch = len(train_ds) // (cfg.batch_size * world)
+    if per_epoch == 0:
+        raise DataError(f"{len(train_ds)} training questions cannot fill one batch of "
+                        f"{cfg.batch_size} on {world} process(es)")
+    total = cfg.steps if cfg.steps > 0 else cfg.epochs * per_epoch
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total))
     step, seconds = 0, 0.0
     if resume_state is not None:
         optimizer.load_state_dict(resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
         step, seconds = resume_state["step"], float(resume_state.get("train_seconds", 0.0))
     ddp = torch.nn.parallel.DistributedDataParallel(model) if dist.is_initialized() else model
-    per_epoch = len(train_ds) // (cfg.batch_size * world)
-    if per_epoch == 0:
-        raise DataError(f"{len(train_ds)} training questions cannot fill one batch of "
-                        f"{cfg.batch_size} on {world} process(es)")
-    total = cfg.steps if cfg.steps > 0 else cfg.epochs * per_epoch
     return Run(cfg, model, ddp, optimizer, scheduler, vocab, answers, max_len, train_ds, val_ds,
                build_curriculum(cfg, train_samples), device, amp_dtype, channels_last, rank, world,
                per_epoch, total, step, seconds)

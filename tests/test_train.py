@@ -52,6 +52,23 @@ def test_resume_continues_exactly(tiny_data, tmp_path):
     assert sa["optimizer"]["param_groups"][0]["lr"] == sb["optimizer"]["param_groups"][0]["lr"]
 
 
+def test_anneal_decays_the_last_steps_to_zero_and_a_resume_may_add_it(tiny_data, tmp_path):
+    """The learning-study schedule: warmup, constant, then the last anneal_steps linearly to 0;
+    a resumed run may extend itself with an anneal (it only shapes steps still to come)."""
+    from qgmrn.train import TrainConfig, lr_lambda
+    f = lr_lambda(TrainConfig(lr=1e-3, warmup_steps=10, anneal_steps=20), total=100)
+    assert f(0) == pytest.approx(3e-3) and f(10) == f(79) == f(80) == 1.0
+    assert f(90) == pytest.approx(0.5) and f(100) == 0.0
+    out = tmp_path / "run"
+    train(tiny_train_config(tiny_data, out, steps=4), **quiet)
+    before = torch.load(out / "ckpt.pt", weights_only=True)["optimizer"]["param_groups"][0]["lr"]
+    train(tiny_train_config(tiny_data, out, steps=8, anneal_steps=4), resume=str(out / "ckpt.pt"),
+          given={"steps": 8, "anneal_steps": 4, "out": str(out)}, **quiet)
+    state = torch.load(out / "ckpt.pt", weights_only=True)
+    assert before > 0 and state["optimizer"]["param_groups"][0]["lr"] == 0.0
+    assert state["train_config"]["anneal_steps"] == 4 and state["step"] == 8
+
+
 def test_bad_checkpoint_files_give_clear_errors(tiny_checkpoint, tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "nope.pt")
