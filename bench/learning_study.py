@@ -97,6 +97,9 @@ def baselines(a) -> int:
 def report(a) -> int:
     dirs = []
     for p in map(Path, a.study):
+        if not p.is_dir():
+            print(f"error: {p} is not a run or study directory", file=sys.stderr)
+            return 2
         dirs += [p] if (p / "metrics.jsonl").exists() else sorted(d for d in p.iterdir() if d.is_dir())
     runs = {d.name: read_curves(d) for d in dirs}
     runs = {k: v for k, v in runs.items() if v}

@@ -46,7 +46,7 @@ def check_recipe(path: Path, state: dict) -> str:
         want = recipe.get(key, getattr(defaults, key))
         if key == "lr" and want is None:
             continue                                   # resolved by the trainer from the preset
-        if saved.get(key) != want:
+        if saved.get(key, getattr(defaults, key)) != want:
             raise SystemExit(f"error: {path} sets {key}={want!r} but the checkpoint was trained with {saved.get(key)!r}")
     return path.name
 
