@@ -12,7 +12,7 @@ from pathlib import Path
 
 import onnx
 
-from qgmrn.checkpoint import load_checkpoint, model_from_checkpoint
+from qgmrn.checkpoint import load_checkpoint, model_from_checkpoint, remove_stale
 from qgmrn.preprocess import Vocab
 
 from .onnx_export import build_metadata, export_onnx, file_sha256, routing_precision_report
@@ -62,7 +62,7 @@ def staging_dir(out: Path, overwrite: bool = False) -> Path:
     if existing and not overwrite:
         raise ExportError(f"{out} already holds an export ({', '.join(p.name for p in existing)}); "
                           "pass --overwrite to replace it, or choose another --out", 2)
-    _remove_orphans(out.parent, out.name)
+    remove_stale(out.parent, f".{out.name}.*.partial", max_age_s=3600)   # a killed export's staging
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
@@ -70,19 +70,6 @@ def staging_dir(out: Path, overwrite: bool = False) -> Path:
         return stage
     except OSError as e:
         raise ExportError(f"cannot write to {out.parent}: {e.strerror or e}", 2) from e
-
-
-def _remove_orphans(parent: Path, name: str, max_age_s: float = 3600.0) -> None:
-    """Staging directories left by an export that was killed (older than an hour: not a live one)."""
-    if not parent.is_dir():
-        return
-    now = time.time()
-    for p in parent.glob(f".{name}.*.partial"):
-        try:
-            if now - p.stat().st_mtime > max_age_s:
-                shutil.rmtree(p, ignore_errors=True)
-        except OSError:
-            pass
 
 
 def publish(stage: Path, out: Path) -> None:

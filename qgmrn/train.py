@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
-from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, remove_stale, save_checkpoint
 from .config import ModelConfig, get_config
 from .data.datasets import VQADataset, collate
 from .data.prepare import cache_name, default_cache_dir, open_cache
@@ -631,18 +631,6 @@ def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
         (out / name).unlink(missing_ok=True)
 
 
-def remove_orphans(out: Path) -> None:
-    """Temporary checkpoint files a killed save left behind (never the live one of another run:
-    those are younger than a minute)."""
-    now = time.time()
-    for p in out.glob("ckpt.pt.*.tmp"):
-        try:
-            if now - p.stat().st_mtime > 60:
-                p.unlink()
-        except OSError:
-            pass
-
-
 # -- the loop ------------------------------------------------------------------------------------
 def train(cfg: TrainConfig, model_overrides: dict | None = None, resume: str | None = None,
           init_from: str | None = None, log=print, on_finish=None, overwrite: bool = False,
@@ -706,7 +694,7 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None, resume: str | N
     ckpt_path = out / "ckpt.pt"
     if main_rank:
         out.mkdir(parents=True, exist_ok=True)
-        remove_orphans(out)
+        remove_stale(out, "ckpt.pt.*.tmp", max_age_s=60)   # a killed save's temp file
         write_atomic(out / "config.json", json.dumps({"train": dataclasses.asdict(cfg), "model": mcfg.to_dict()},
                                                      indent=2))
     val_subset = run.val_ds.samples

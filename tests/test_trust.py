@@ -51,6 +51,18 @@ def test_export_into_a_run_folder_keeps_the_run_and_needs_overwrite_to_replace(t
     assert not list(tmp_path.glob(".*partial"))
 
 
+def test_a_killed_exports_old_staging_is_removed_but_a_live_one_is_not(tiny_checkpoint, tiny_data, tmp_path):
+    out = tmp_path / "bundle"
+    old, live = tmp_path / f".{out.name}.dead.partial", tmp_path / f".{out.name}.live.partial"
+    for d in (old, live):
+        d.mkdir()
+        (d / "model.onnx").write_bytes(b"half")
+    os.utime(old, (1, 1))
+    args = [str(tiny_checkpoint), "--out", str(out), "--data-root", str(tiny_data), "--parity-samples", "4"]
+    assert to_onnx_main(args) == 0 and (out / "model.onnx").exists()
+    assert not old.exists() and (live / "model.onnx").exists()
+
+
 def test_nan_weights_fail_parity_and_nothing_is_published(tmp_path, tiny_data, capsys):
     ckpt = save_random_checkpoint(tmp_path / "ckpt.pt", "tiny")
     state = torch.load(ckpt, weights_only=True)
