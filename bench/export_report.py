@@ -9,11 +9,14 @@ routing FC gets spread weights so that gates differ between questions, as in a t
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout without installing
 
 from export.bundle import export_checkpoint
 from qgmrn.checkpoint import save_checkpoint

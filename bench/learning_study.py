@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout without installing
+
 # name -> (preset, [--set FIELD=VALUE ...]); one change at a time against "plain".
 CANDIDATES: dict[str, tuple[str, list[str]]] = {
     "plain": ("small", []),                                              # the old default
@@ -85,7 +87,8 @@ def read_curves(run_dir: Path) -> list[dict]:
 def baselines(a) -> int:
     """Majority-answer and question-only baselines on the val questions the study evaluates on."""
     from qgmrn.data.sources import load_clevr, majority_baseline, question_only_baseline
-    train, val = load_clevr(a.data, "train"), load_clevr(a.data, "val")[:a.max_val]
+    train, val = load_clevr(a.data, "train"), load_clevr(a.data, "val")
+    val = val[:a.max_val] if a.max_val else val                              # 0: all, as the trainer
     out = {"majority_baseline": majority_baseline(train, val), "question_only": question_only_baseline(train, val),
            "val_questions": len(val)}
     Path(a.out).mkdir(parents=True, exist_ok=True)

@@ -11,10 +11,14 @@ on CUDA.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout without installing
 
 from qgmrn.model import count_macs, count_parameters, create_model
 from qgmrn.routing import load_balancing_loss
