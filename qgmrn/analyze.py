@@ -227,11 +227,7 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as e:
         print(f"error: saliency: {e}", file=sys.stderr)
         return 2
-    if a.jsonl:
-        dataset = build_eval_dataset(state, None, a.jsonl, "val")
-    else:
-        dataset = build_eval_dataset(state, data_root, None, "val")
-    dataset.samples, dataset.labels = dataset.samples[:2000], dataset.labels[:2000]
+    dataset = build_eval_dataset(state, data_root, a.jsonl, "val", max_samples=2000)
     write_plots(evaluate_model(model, dataset, 256), out)
     (out / "routing.json").write_text(json.dumps(report, indent=1))
     print(f"wrote {out}/routing_stage*.png, saliency.png, execution_ratio.png, routing.json")

@@ -133,7 +133,9 @@ def write_plots(result: dict, out_dir: str | Path, metrics_file: str | Path | No
     return written
 
 
-def build_eval_dataset(state: dict, data_root, jsonl, split: str, cache_dir=None) -> VQADataset:
+def build_eval_dataset(state: dict, data_root, jsonl, split: str, cache_dir=None, max_samples: int = 0) -> VQADataset:
+    """The questions the model can take (longer ones are counted in `skipped`), the first
+    `max_samples` of them when that is > 0."""
     cfg = ModelConfig.from_dict(state["model_config"])
     if jsonl:
         samples, where, name = load_jsonl(jsonl), Path(jsonl).parent, cache_name(str(jsonl))
@@ -142,10 +144,12 @@ def build_eval_dataset(state: dict, data_root, jsonl, split: str, cache_dir=None
     vocab = Vocab(list(state["vocab"]))
     limit = int(state["max_question_len"])
     kept = [s for s in samples if len(tokenize(s.question)) <= limit]
+    skipped = len(samples) - len(kept)
+    kept = kept[:max_samples] if max_samples > 0 else kept
     cache = open_cache(cache_dir or default_cache_dir(where), name, cfg.image_size, [s.image for s in kept],
                        build=False)
     dataset = VQADataset(kept, vocab, list(state["answers"]), cfg.image_size, cache)
-    dataset.skipped = len(samples) - len(kept)
+    dataset.skipped = skipped
     return dataset
 
 
