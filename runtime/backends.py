@@ -111,7 +111,7 @@ BACKENDS = ("auto", "tensorrt", "onnxruntime", "openvino", "cpu")
 def openvino_preferred() -> tuple[bool, str]:
     """Whether auto picks OpenVINO over onnxruntime's CPU provider, and why. OpenVINO's bf16 visual
     path is the fastest CPU backend where the CPU has bf16 hardware (bench/runtime_latency.py,
-    brn-c32: 2.87 vs 3.50 ms at batch 1, 16.4 vs 25.3 ms at batch 8 on an AVX512-BF16 CPU), but on
+    brn-c32: 2.40 vs 3.37 ms at batch 1, 16.7 vs 25.5 ms at batch 8 on an AVX512-BF16 CPU), but on
     a trained model its logits moved by up to 0.66 from PyTorch's (the built-in model; gates
     identical, top-1 99.75% of 400), beyond the fp16 tolerance of 0.05 that export holds reduced-precision graphs
     to. So auto keeps onnxruntime, whose answers are PyTorch's; backend="openvino" runs it."""
