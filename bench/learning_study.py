@@ -117,7 +117,7 @@ def report(a) -> int:
                 baseline, qonly = data.get("majority_baseline"), data.get("question_only")
     head = ("| run | samples | train min | overall | count | exist | cmp num | query | cmp attr | "
             "q colour | q shape | q size | q material |")
-    lines = [head, "|" + "---|" * head.count("|")[:-1] if False else "|" + "---|" * (head.count("|") - 1)]
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
     table = {}
     for name, curve in runs.items():
         picks = curve if a.all else [r for r in curve if r is curve[-1] or curve.index(r) % a.every == a.every - 1]

@@ -46,8 +46,9 @@ def check_recipe(path: Path, state: dict) -> str:
         want = recipe.get(key, getattr(defaults, key))
         if key == "lr" and want is None:
             continue                                   # resolved by the trainer from the preset
-        if saved.get(key, getattr(defaults, key)) != want:
-            raise SystemExit(f"error: {path} sets {key}={want!r} but the checkpoint was trained with {saved.get(key)!r}")
+        trained = saved.get(key, getattr(defaults, key))        # older checkpoints lack newer fields
+        if trained != want:
+            raise SystemExit(f"error: {path} sets {key}={want!r} but the checkpoint was trained with {trained!r}")
     return path.name
 
 
