@@ -1,0 +1,85 @@
+"""The learning study's tools. bench/probe_objects.py: the linear probe finds an attribute that the
+features hold and not one they do not, and runs end to end on a generated dataset and a trained
+checkpoint. bench/grow_checkpoint.py: a deepened model answers exactly as the trained one, and
+every grown checkpoint trains on with --init-from."""
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO
+
+
+def _module(name="probe_objects"):
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_probe_reads_what_the_features_hold_and_nothing_else():
+    probe = _module().probe
+    rng = np.random.default_rng(0)
+    colours = np.array(["red", "green", "blue", "cyan"])
+    ytr, yva = rng.integers(0, 4, 600), rng.integers(0, 4, 300)
+    centres = rng.normal(size=(4, 16)) * 2.0
+    xtr = centres[ytr] + rng.normal(size=(600, 16))
+    xva = centres[yva] + rng.normal(size=(300, 16))
+    assert probe(xtr, list(colours[ytr]), xva, list(colours[yva])) > 0.95
+    noise_tr, noise_va = rng.normal(size=(600, 16)), rng.normal(size=(300, 16))
+    assert probe(noise_tr, list(colours[ytr]), noise_va, list(colours[yva])) < 0.4      # chance 0.25
+
+
+def test_it_probes_every_block_of_a_checkpoint_and_its_random_twin(tiny_data, tiny_checkpoint, tmp_path):
+    out = tmp_path / "probe.json"
+    assert _module().main([str(tiny_checkpoint), "--data-root", str(tiny_data), "--train-scenes", "24",
+                           "--val-scenes", "8", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    scenes = json.loads((tiny_data / "scenes" / "CLEVR_val_scenes.json").read_text())["scenes"]
+    assert result["objects"]["val"] == sum(len(s["objects"]) for s in scenes)
+    assert set(result["probes"]) == {"trained", "random init"}
+    for rows in result["probes"].values():
+        assert len(rows) == 2                                     # the tiny preset's two blocks
+        for row in rows.values():
+            assert set(row) == {"shape", "color", "size", "material"}
+            assert all(0.0 <= v <= 1.0 for v in row.values())
+    assert all(0.0 < v <= 1.0 for v in result["majority"].values())
+
+
+def test_deepening_keeps_every_answer_and_adds_a_routing_layer_per_block(tiny_checkpoint, tmp_path):
+    from qgmrn.checkpoint import load_checkpoint, model_from_checkpoint
+    out = tmp_path / "deep.pt"
+    assert _module("grow_checkpoint").main([str(tiny_checkpoint), str(out), "--deepen"]) == 0
+    old = model_from_checkpoint(load_checkpoint(tiny_checkpoint)).eval()
+    new = model_from_checkpoint(load_checkpoint(out)).eval()
+    assert new.cfg.num_layers == 2 * old.cfg.num_layers
+    torch.manual_seed(0)
+    image = torch.randn(6, 3, old.cfg.image_size, old.cfg.image_size)
+    tokens = torch.randint(1, old.cfg.vocab_size, (6, 9))
+    lengths = torch.tensor([9, 8, 5, 9, 3, 7])
+    with torch.no_grad():
+        a, b = old(image, tokens, lengths), new(image, tokens, lengths)
+    assert torch.equal(a.logits, b.logits)
+    assert torch.equal(a.gates, b.gates[:, 0::2])                 # the trained layers route as before
+
+
+@pytest.mark.parametrize("how", [["--deepen"], ["--attention", "--attn-dim", "16"], ["--set", "image_size=48", "--set", "stage_strides=1,1"]])
+def test_a_grown_checkpoint_trains_on_with_init_from(how, tiny_data, tiny_checkpoint, tmp_path):
+    from conftest import tiny_train_config
+    from qgmrn.checkpoint import load_checkpoint
+    from qgmrn.train import train
+    grown = tmp_path / "grown.pt"
+    assert _module("grow_checkpoint").main([str(tiny_checkpoint), str(grown), *how]) == 0
+    train(tiny_train_config(tiny_data, tmp_path / "run", steps=2), init_from=str(grown), log=lambda *a: None)
+    state = load_checkpoint(tmp_path / "run" / "ckpt.pt")
+    assert state["step"] == 2 and state["model_config"] == load_checkpoint(grown)["model_config"]
+
+
+def test_growing_a_file_that_is_not_a_checkpoint_is_one_error_line(tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert _module("grow_checkpoint").main([str(bad), str(tmp_path / "out.pt"), "--deepen"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and not (tmp_path / "out.pt").exists()
