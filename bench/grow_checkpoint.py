@@ -64,6 +64,14 @@ def deepen(old: QGMRN) -> QGMRN:
 def with_config(old: QGMRN, keep_head: bool, **changes) -> QGMRN:
     new = QGMRN(old.cfg.replace(**changes))
     state = {k: v for k, v in old.state_dict().items() if keep_head or not k.startswith("head.")}
+    if keep_head:
+        want = {k: v.shape for k, v in new.state_dict().items()}
+        have = {k: v.shape for k, v in state.items()}
+        if want != have:
+            differ = sorted(set(want) ^ set(have) | {k for k in set(want) & set(have) if want[k] != have[k]})
+            raise ValueError(f"{', '.join(f'{k}={v}' for k, v in changes.items())} changes the model's "
+                             f"weights ({', '.join(differ[:3])}{' ...' if len(differ) > 3 else ''}): "
+                             "they cannot carry over")
     new.load_state_dict(state, strict=keep_head)
     return new
 
