@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qgmrn.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+from qgmrn.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint  # noqa: E402
 from qgmrn.model import QGMRN  # noqa: E402
 from qgmrn.preprocess import preprocess_image  # noqa: E402
 
@@ -41,37 +41,40 @@ def scenes(root: Path, split: str, n: int) -> list[dict]:
     return json.loads(path.read_text())["scenes"][:n]
 
 
+def load_objects(root: Path, split: str, items: list[dict], size: int):
+    """The scenes' images, decoded once for every model probed, and each object's (image index,
+    x, y) centre as a fraction of the image, with its attributes."""
+    images = torch.from_numpy(np.stack([preprocess_image(root / "images" / split / s["image_filename"], size)
+                                        for s in items]))
+    where = [(i, o["pixel_coords"][0] / WIDTH, o["pixel_coords"][1] / HEIGHT)
+             for i, s in enumerate(items) for o in s["objects"]]
+    labels = {a: [o[a] for s in items for o in s["objects"]] for a in ATTRS}
+    return images, where, labels
+
+
 @torch.no_grad()
-def object_features(model: QGMRN, root: Path, split: str, items: list[dict], batch: int = 64):
-    """Per stage: (objects, C) features at each object's centre; labels per attribute."""
-    size = model.cfg.image_size
-    gates = [torch.ones(1, m) for m in model.cfg.layer_sizes]
-    feats: list[list[np.ndarray]] = []
-    labels = {a: [] for a in ATTRS}
-    for i in range(0, len(items), batch):
-        chunk = items[i:i + batch]
-        x = torch.from_numpy(np.stack([preprocess_image(root / "images" / split / s["image_filename"], size)
-                                       for s in chunk]))
-        maps = []
-        h = model.visual.stem(x)
-        for block, g in zip(model.visual.blocks, gates):
-            h = block(h, g.expand(len(chunk), -1))
-            maps.append(h)
-        per_stage = [[] for _ in maps]
-        for j, s in enumerate(chunk):
-            for o in s["objects"]:
-                px, py = o["pixel_coords"][0] / WIDTH, o["pixel_coords"][1] / HEIGHT
+def block_features(model: QGMRN, images: torch.Tensor, where: list, batch: int = 64) -> list[np.ndarray]:
+    """Per block: (objects, C) features at each object's centre, all gates open. The blocks' maps
+    are read by forward hooks on the visual network's own forward pass."""
+    maps: list[torch.Tensor] = []
+    hooks = [b.register_forward_hook(lambda _m, _i, out: maps.append(out)) for b in model.visual.blocks]
+    feats: list[list[np.ndarray]] = [[] for _ in model.visual.blocks]
+    pos = 0                                                       # `where` is in image order
+    try:
+        for start in range(0, len(images), batch):
+            x = images[start:start + batch]
+            maps.clear()
+            model.visual(x, [torch.ones(len(x), m) for m in model.cfg.layer_sizes])
+            while pos < len(where) and where[pos][0] < start + len(x):
+                i, px, py = where[pos]
+                pos += 1
                 for k, m in enumerate(maps):
-                    cy = min(int(py * m.shape[2]), m.shape[2] - 1)
-                    cx = min(int(px * m.shape[3]), m.shape[3] - 1)
-                    per_stage[k].append(m[j, :, cy, cx].numpy())
-                for a in ATTRS:
-                    labels[a].append(o[a])
-        if not feats:
-            feats = [[] for _ in maps]
-        for k in range(len(maps)):
-            feats[k].extend(per_stage[k])
-    return [np.stack(f) for f in feats], labels
+                    cy, cx = min(int(py * m.shape[2]), m.shape[2] - 1), min(int(px * m.shape[3]), m.shape[3] - 1)
+                    feats[k].append(m[i - start, :, cy, cx].numpy())
+    finally:
+        for h in hooks:
+            h.remove()
+    return [np.stack(f) for f in feats]
 
 
 def probe(xtr: np.ndarray, ytr: list[str], xva: np.ndarray, yva: list[str], steps: int = 300) -> float:
@@ -108,30 +111,30 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     torch.manual_seed(0)
     root = Path(a.data_root)
-    state = load_checkpoint(a.checkpoint)
-    trained = model_from_checkpoint(state)
-    cfg = trained.cfg if not a.image_size else trained.cfg.replace(image_size=a.image_size)
-    if a.image_size:
-        twin = QGMRN(cfg)
-        twin.load_state_dict(trained.state_dict())
-        trained = twin
-    models = {"trained": trained.eval(), "random init": QGMRN(cfg).eval()}
-    tr, va = scenes(root, "train", a.train_scenes), scenes(root, "val", a.val_scenes)
-    result = {"checkpoint": str(a.checkpoint), "image_size": cfg.image_size, "majority": {}, "probes": {}}
+    try:
+        trained = model_from_checkpoint(load_checkpoint(a.checkpoint))
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    # every layer is convolutional and the maps' sizes follow the input's: another input size needs
+    # only other images, not another model
+    size = a.image_size or trained.cfg.image_size
+    models = {"trained": trained.eval(), "random init": QGMRN(trained.cfg).eval()}
     t0 = time.time()
+    images_tr, where_tr, ltr = load_objects(root, "train", scenes(root, "train", a.train_scenes), size)
+    images_va, where_va, lva = load_objects(root, "val", scenes(root, "val", a.val_scenes), size)
+    result = {"checkpoint": str(a.checkpoint), "image_size": size, "majority": {}, "probes": {}}
+    for att in ATTRS:
+        _, counts = np.unique(lva[att], return_counts=True)
+        result["majority"][att] = float(counts.max() / counts.sum())
     for name, model in models.items():
-        ftr, ltr = object_features(model, root, "train", tr)
-        fva, lva = object_features(model, root, "val", va)
-        result["probes"][name] = {}
-        for k in range(len(ftr)):
-            row = {att: probe(ftr[k], ltr[att], fva[k], lva[att]) for att in ATTRS}
-            result["probes"][name][f"block {k + 1} ({ftr[k].shape[1]} ch)"] = row
-        for att in ATTRS:
-            vals, counts = np.unique(lva[att], return_counts=True)
-            result["majority"][att] = float(counts.max() / counts.sum())
+        ftr, fva = block_features(model, images_tr, where_tr), block_features(model, images_va, where_va)
+        result["probes"][name] = {f"block {k + 1} ({ftr[k].shape[1]} ch)":
+                                  {att: probe(ftr[k], ltr[att], fva[k], lva[att]) for att in ATTRS}
+                                  for k in range(len(ftr))}
     result["objects"] = {"train": int(len(ltr["shape"])), "val": int(len(lva["shape"]))}
     print(f"linear probes at object centres, {result['objects']['train']} train / "
-          f"{result['objects']['val']} val objects, input {cfg.image_size} px, all gates open "
+          f"{result['objects']['val']} val objects, input {size} px, all gates open "
           f"({time.time() - t0:.0f} s)")
     print(f"{'model':<12} {'features':<20} " + " ".join(f"{att:>9}" for att in ATTRS))
     print(f"{'majority':<12} {'':<20} " + " ".join(f"{100 * result['majority'][att]:9.1f}" for att in ATTRS))
