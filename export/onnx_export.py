@@ -20,7 +20,7 @@ from qgmrn.config import ModelConfig
 from qgmrn.model import QGMRN
 from qgmrn.preprocess import MEAN, STD
 
-from runtime.backends import METADATA_FORMAT, METADATA_KEY, METADATA_VERSION
+from runtime.metadata import METADATA_FORMAT, METADATA_KEY, METADATA_VERSION
 from runtime.backends import OUTPUTS as OUTPUT_NAMES
 
 from .graph import INPUT_NAMES, TestTimeModel

@@ -10,14 +10,11 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ModelError
+from .metadata import METADATA_KEY, check_metadata_against_shapes, parse_metadata
 
 log = logging.getLogger("runtime")
 OUTPUTS = ("logits", "gates", "route_logits")
 ENGINE_SUFFIXES = (".engine", ".plan")
-# The self-description every QGMRN export carries (export.onnx_export writes it, this reads it).
-METADATA_KEY = "qgmrn"
-METADATA_FORMAT = "qgmrn-onnx"
-METADATA_VERSION = 1
 
 
 class OnnxRuntimeRunner:
@@ -41,7 +38,7 @@ class OnnxRuntimeRunner:
         self.providers = self.session.get_providers()
         self.name = f"onnxruntime ({self.providers[0]})"
         raw = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
-        self.metadata = _parse_metadata(raw, path)
+        self.metadata = parse_metadata(raw, path)
         shapes = {o.name: o.shape for o in self.session.get_outputs()}
         missing = set(OUTPUTS) - set(shapes)
         if missing:
@@ -61,48 +58,10 @@ class TensorRTRunner:
             raise ModelError(f"{path} is a TensorRT engine, but TensorRT or cuda-python is not installed "
                              f"({e}); pip install 'qgmrn[gpu]', or load the bundle's model.onnx") from e
         self.name = f"TensorRT {self._runner.info['tensorrt_version']} on {self._runner.info['gpu_name']}"
-        self.metadata = _parse_metadata(json.dumps(self._runner.metadata), path)
+        self.metadata = parse_metadata(json.dumps(self._runner.metadata), path)
 
     def run(self, feeds):
         return self._runner.run(feeds)
-
-
-def _parse_metadata(raw: str | None, path) -> dict:
-    if raw is None:
-        raise ModelError(f"{path} is not a QGMRN export: it carries no '{METADATA_KEY}' metadata "
-                         "(export it with python -m export.to_onnx)")
-    try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise ModelError(f"{path}: its QGMRN metadata is not valid JSON") from e
-    if meta.get("format") != METADATA_FORMAT or meta.get("format_version") != METADATA_VERSION:
-        raise ModelError(f"{path}: metadata format {meta.get('format')!r} v{meta.get('format_version')} "
-                         "is not one this runtime reads")
-    missing = {"vocab", "answers", "image_size", "max_question_len", "layer_sizes", "mean", "std"} - set(meta)
-    if missing:
-        raise ModelError(f"{path}: QGMRN metadata lacks {sorted(missing)}")
-    return meta
-
-
-def check_metadata_against_shapes(meta: dict, logits_shape, gates_shape, path) -> None:
-    """Metadata that disagrees with the graph would index past the logits or read gates of other
-    modules: refuse it at load. Dims that are symbolic (str or None) are not checked."""
-    answers, sizes = meta["answers"], meta["layer_sizes"]
-    if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers) or \
-            len(set(answers)) != len(answers):
-        raise ModelError(f"{path}: its answer list is not a list of distinct strings")
-    if not isinstance(sizes, list) or not sizes or not all(isinstance(m, int) and m > 0 for m in sizes):
-        raise ModelError(f"{path}: its layer_sizes metadata is not a list of positive integers")
-    width = logits_shape[-1] if len(logits_shape) == 2 else None
-    if isinstance(width, int) and width != len(answers):
-        raise ModelError(f"{path}: the graph scores {width} answers but its metadata lists {len(answers)}; "
-                         "the file was altered or mis-exported")
-    if len(gates_shape) != 3:
-        raise ModelError(f"{path}: gates output has shape {gates_shape}, expected (batch, layers, modules)")
-    layers, modules = gates_shape[1], gates_shape[2]
-    if (isinstance(layers, int) and layers != len(sizes)) or (isinstance(modules, int) and modules != max(sizes)):
-        raise ModelError(f"{path}: the graph routes {layers} x {modules} modules but its metadata's "
-                         f"layer_sizes {sizes} say {len(sizes)} x {max(sizes)}")
 
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "openvino", "cpu")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backends import METADATA_KEY, _parse_metadata, check_metadata_against_shapes
+from .metadata import METADATA_KEY, check_metadata_against_shapes, parse_metadata
 from .errors import ModelError
 
 OUTPUTS = ("logits", "gates", "route_logits")
@@ -104,7 +104,7 @@ class OpenVINORunner:
             self._q, self._v, self.n_crossing, raw = split_and_compile(core, Path(path), visual_precision)
         except Exception as e:  # OpenVINO raises RuntimeError subclasses of its own
             raise ModelError(f"{path}: OpenVINO cannot compile this model: {e}") from e
-        self.metadata = _parse_metadata(raw, path)
+        self.metadata = parse_metadata(raw, path)
         dims = lambda port: [d.get_length() if d.is_static else None for d in port.get_partial_shape()]  # noqa: E731
         check_metadata_against_shapes(self.metadata, dims(self._v.outputs[0]), dims(self._q.outputs[-2]), path)
         self.precision = visual_precision

@@ -1,6 +1,6 @@
 """The Blender renderer: CLEVR's world in Cycles, a dataset in CLEVR's layout that survives being
 stopped. Renders here are tiny (64 x 43, 4 samples): they check the world and the bookkeeping,
-not the looks (bench/render_fidelity.py measures those)."""
+not the looks (study/render_fidelity.py measures those)."""
 import importlib.util
 import json
 import math
@@ -34,8 +34,8 @@ def test_without_bpy_one_line_says_what_to_install(tmp_path, monkeypatch, capsys
 
 def test_directions_and_pixel_coords_match_real_clevr(real_sample):
     """The camera model reproduces the real scenes' directions, and their pixel_coords once the
-    camera's jitter is fitted (bench/render_fidelity.py's fit)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    camera's jitter is fitted (study/render_fidelity.py's fit)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "study"))
     from render_fidelity import fit_camera
     scenes = json.loads((real_sample / "scenes" / "CLEVR_val_scenes.json").read_text())["scenes"]
     for scene in scenes:

@@ -1,6 +1,6 @@
-"""The learning study's tools. bench/probe_objects.py: the linear probe finds an attribute that the
+"""The learning study's tools. study/probe_objects.py: the linear probe finds an attribute that the
 features hold and not one they do not, and runs end to end on a generated dataset and a trained
-checkpoint. bench/grow_checkpoint.py: a deepened model answers exactly as the trained one, and
+checkpoint. study/grow_checkpoint.py: a deepened model answers exactly as the trained one, and
 every grown checkpoint trains on with --init-from."""
 import importlib.util
 import json
@@ -13,7 +13,7 @@ from conftest import REPO
 
 
 def _module(name="probe_objects"):
-    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, REPO / "study" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

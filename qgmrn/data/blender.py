@@ -21,7 +21,7 @@ from PIL import Image
 from . import clevr_world as world
 
 INSTALL_HINT = "the Blender renderer needs bpy: pip install 'qgmrn[render]' (Python 3.11)"
-GROUND_ALBEDO = 0.47      # calibrated against the real sample (bench/render_fidelity.py)
+GROUND_ALBEDO = 0.47      # calibrated against the real sample (study/render_fidelity.py)
 LIGHT_SCALE = 1.8         # Blender 2.7x lamp strengths -> today's Watts; calibrated the same way
 
 

@@ -1,8 +1,8 @@
 """Learning-curve study: which changes make QGMRN learn to find the object a question names.
 
-    python bench/learning_study.py run --data DIR --out runs/study --steps 3000 RUN [RUN ...]
-    python bench/learning_study.py baselines --data DIR --out runs/study/_baselines
-    python bench/learning_study.py report runs/study [runs/other-run ...] [--docs docs/learning]
+    python study/learning_study.py run --data DIR --out runs/study --steps 3000 RUN [RUN ...]
+    python study/learning_study.py baselines --data DIR --out runs/study/_baselines
+    python study/learning_study.py report runs/study [runs/other-run ...] [--docs docs/learning]
 
 `run` trains each named candidate (CANDIDATES below) on the same generated CLEVR-style data with
 `python -m qgmrn.train`, evaluating every --eval-every steps on a fixed val subset the model never

@@ -10,7 +10,7 @@ A high probe accuracy with low query accuracy means the model sees the attribute
 select the object the question names (a routing/binding failure); a probe near the majority means
 the features do not hold the attribute at all (a representation failure).
 
-    python bench/probe_objects.py CKPT --data-root DIR [--train-scenes 2000] [--val-scenes 1000]
+    python study/probe_objects.py CKPT --data-root DIR [--train-scenes 2000] [--val-scenes 1000]
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """How close the Blender renderer comes to real CLEVR: re-render the real scenes from their scene
 JSON and compare with the real images (PSNR and mean absolute error, per image and mean).
 
-    python bench/render_fidelity.py [--data-root ../shared/data/clevr-real-sample]
+    python study/render_fidelity.py [--data-root ../shared/data/clevr-real-sample]
         [--size 240 160] [--samples 32] [--out docs/render] [--limit N]
 
 The real scenes do not store their camera jitter: it is fitted from the objects' pixel_coords

@@ -1,6 +1,6 @@
 """Ship a trained checkpoint as the runtime's built-in model, with the numbers of its model card.
 
-    python bench/make_builtin.py runs/looks/ckpt.pt [--val-root DIR] [--dest runtime/models]
+    python study/make_builtin.py runs/looks/ckpt.pt [--val-root DIR] [--dest runtime/models]
 
 1. exports the checkpoint (fp32 ONNX, parity against PyTorch on the generated val images and on
    the real CLEVR sample) into a temporary bundle;

@@ -1,8 +1,8 @@
 """Grow a trained checkpoint into a larger model of the same family, for warm-start study probes.
 
-    python bench/grow_checkpoint.py CKPT OUT --attention [--attn-dim 128 --attn-layers 1]
-    python bench/grow_checkpoint.py CKPT OUT --set image_size=96 [--set stage_strides=1,2,1,1]
-    python bench/grow_checkpoint.py CKPT OUT --deepen
+    python study/grow_checkpoint.py CKPT OUT --attention [--attn-dim 128 --attn-layers 1]
+    python study/grow_checkpoint.py CKPT OUT --set image_size=96 [--set stage_strides=1,2,1,1]
+    python study/grow_checkpoint.py CKPT OUT --deepen
 
 --attention  replaces the plain head with a fresh attention head (paper 3.4); the textual, routing
              and visual networks keep their trained weights.

@@ -1,0 +1,6 @@
+"""python -m qgmrn.train"""
+import sys
+
+from . import main
+
+sys.exit(main())

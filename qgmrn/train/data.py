@@ -1,0 +1,84 @@
+"""The data a run trains on: where the samples come from (the built-in generated data, CLEVR
+layout, CLEVR-Humans, JSON lines), their image caches, and the question length limit."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch.distributed as dist
+
+from ..data.prepare import cache_name, default_cache_dir
+from ..data.sources import DataError, load_clevr, load_humans, load_jsonl
+from ..preprocess import UNK_ID, Vocab, tokenize
+from .settings import TrainConfig
+
+# Longest question (in tokens) an exported model accepts: at least this, or the longest training
+# question. Real CLEVR questions reach about 45 tokens; the runtime refuses longer ones (never
+# truncates), and TensorRT profiles are built up to this length.
+MIN_QUESTION_LIMIT = 64
+
+
+def question_limit(samples) -> int:
+    return max(MIN_QUESTION_LIMIT, max(len(tokenize(s.question)) for s in samples))
+
+
+def default_data_dir(images: int) -> Path:
+    base = Path(os.environ.get("QGMRN_CACHE", Path.home() / ".cache" / "qgmrn"))
+    return base / f"clevr-generated-v3-{images}"
+
+
+# -- data ------------------------------------------------------------------------------------
+@dataclass
+class Data:
+    cfg: TrainConfig                         # with data_root set for the built-in data
+    train: list
+    val: list
+    cache_dir: Path | None
+    names: tuple[str, str]                   # cache names of the train and val images
+
+
+def resolve_data(cfg: TrainConfig, main_rank: bool, say) -> Data:
+    """Stage 1: where the samples come from (the built-in generated data is made once)."""
+    if not cfg.data_root and not cfg.jsonl:
+        root = default_data_dir(cfg.generate_images)
+        if not (root / "questions" / "CLEVR_val_questions.json").exists():
+            if main_rank:
+                from .data.generate import generate
+                say(f"generating the built-in CLEVR-style dataset into {root} (once)")
+                generate(root, cfg.generate_images, max(1, cfg.generate_images // 6), 10, seed=0, log=say)
+            if dist.is_initialized():
+                dist.barrier()
+        say(f"data: built-in generated CLEVR-style dataset at {root}")
+        cfg = dataclasses.replace(cfg, data_root=str(root))
+    if cfg.jsonl:
+        train_s, val_s = load_jsonl(cfg.jsonl[0]), load_jsonl(cfg.jsonl[1])
+        where, names = Path(cfg.jsonl[0]).parent, (cache_name(cfg.jsonl[0]), cache_name(cfg.jsonl[1]))
+    elif cfg.humans:
+        if not cfg.data_root:
+            raise DataError("--humans needs --data-root for the images")
+        root = Path(cfg.data_root)
+        train_s = load_humans(cfg.humans[0], root / "images" / "train")
+        val_s = load_humans(cfg.humans[1], root / "images" / "val")
+        where, names = root, ("humans-train", "humans-val")
+    else:
+        train_s, val_s = load_clevr(cfg.data_root, "train"), load_clevr(cfg.data_root, "val")
+        where, names = Path(cfg.data_root), ("train", "val")
+    if not train_s or not val_s:
+        raise DataError("the training and validation splits must each hold at least one question")
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(where)
+    return Data(cfg, train_s, val_s, cache_dir, names)
+
+
+def warn_about_val(val, vocab: Vocab, answers: list[str], say) -> None:
+    known = set(answers)
+    unseen = sum(s.answer not in known for s in val)
+    unk = sum(any(i == UNK_ID for i in vocab.encode(s.question)[0]) for s in val)
+    if unseen:
+        say(f"warning: {unseen} of {len(val)} val questions have an answer never seen in training "
+            "(always counted wrong)")
+    if unk:
+        say(f"warning: {unk} of {len(val)} val questions have words never seen in training (read as UNK)")
+
+

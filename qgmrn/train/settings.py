@@ -1,0 +1,95 @@
+"""Training settings: the TrainConfig dataclass (what a run is), its validation before any work
+starts, and the model overrides a run may carry."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import ModelConfig, get_config
+from ..settings import SettingsError, typed
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data_root: str | None = None             # CLEVR layout; None and no jsonl: the built-in data
+    jsonl: tuple[str, ...] = ()              # (train.jsonl, val.jsonl)
+    humans: tuple[str, ...] = ()             # (train.json, val.json), images from data_root
+    preset: str = "small"
+    epochs: int = 10
+    steps: int = 0                           # > 0 overrides epochs
+    batch_size: int = 64
+    lr: float | None = None                  # None: 3e-4 (paper 4.2), 1e-3 for the CPU presets
+    warmup_steps: int = 500
+    warmup_start_lr: float = 3e-6
+    anneal_steps: int = 0                    # > 0: the last this many steps decay the lr linearly to 0
+    load_weight: float = 0.01                # lambda of the load-balancing loss (eq. 13)
+    seed: int = 0
+    out: str = "runs/qgmrn"
+    save_every: int = 500                    # steps between checkpoints
+    log_every: int = 20
+    eval_every_epoch: bool = True
+    eval_every: int = 0                      # > 0: also evaluate every this many steps (learning curves)
+    max_val: int = 0                         # evaluate on at most this many val questions (0: all)
+    workers: int = 0                         # DataLoader processes
+    generate_images: int = 5000              # size of the built-in dataset (train images)
+    curriculum_objects: int = 0              # > 0: first train on scenes with at most this many objects,
+    curriculum_steps: int = 0                # then raise that limit linearly to the largest scene over
+                                             # these steps (scenes from the CLEVR scenes file)
+    precision: str = "auto"                  # "auto": bf16 autocast on CUDA and on CPUs with AMX-BF16; "bf16", "fp32"
+                                             # (about 1.6x the samples/s there); "fp32": never
+    cache_dir: str | None = None             # image cache; default beside the data, or ~/.cache/qgmrn
+                                             # when the data directory is read-only
+    progress_every: float = 30.0             # seconds between progress lines when stderr is no terminal
+    recipe: str | None = None                # the --config file the run came from (exports record it)
+
+
+class TrainingStopped(Exception):
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+# -- settings -----------------------------------------------------------------------------------
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Ranges, checked before any work starts (nothing is created for a run that cannot start)."""
+    positive = ("batch_size", "log_every", "save_every")
+    non_negative = ("epochs", "steps", "warmup_steps", "anneal_steps", "max_val", "workers", "eval_every",
+                    "curriculum_objects", "curriculum_steps")
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise SettingsError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+    for name in non_negative:
+        if getattr(cfg, name) < 0:
+            raise SettingsError(f"{name} must not be negative, got {getattr(cfg, name)}")
+    if cfg.epochs == 0 and cfg.steps == 0:
+        raise SettingsError("give a positive number of epochs or steps")
+    if cfg.lr is not None and not (0.0 < cfg.lr < 10.0):
+        raise SettingsError(f"lr must lie in (0, 10), got {cfg.lr}")
+    if not cfg.load_weight >= 0.0:
+        raise SettingsError(f"load_weight must not be negative, got {cfg.load_weight}")
+    if cfg.generate_images < 6:
+        raise SettingsError(f"generate_images must be at least 6, got {cfg.generate_images}")
+    if cfg.precision not in ("auto", "fp32", "bf16"):
+        raise SettingsError(f"precision must be 'auto', 'bf16' or 'fp32', got {cfg.precision!r}")
+    if cfg.jsonl and len(cfg.jsonl) != 2:
+        raise SettingsError("jsonl takes two files: train and val")
+    if cfg.humans and len(cfg.humans) != 2:
+        raise SettingsError("humans takes two files: train and val")
+    if sum(map(bool, (cfg.jsonl, cfg.humans))) > 1:
+        raise SettingsError("give one data source: --jsonl or --humans (with --data-root)")
+    if cfg.progress_every <= 0:
+        raise SettingsError("progress_every must be positive")
+    return cfg
+
+
+def validate_model_overrides(preset: str, overrides: dict) -> dict:
+    overrides = typed(ModelConfig, overrides, "model")
+    for k in ("vocab_size", "num_answers"):
+        if k in overrides:
+            raise SettingsError(f"model {k} comes from the data; it cannot be set")
+    try:
+        get_config(preset, **overrides)
+    except (TypeError, ValueError) as e:
+        raise SettingsError(str(e)) from e
+    return overrides
+
+

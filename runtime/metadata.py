@@ -1,0 +1,49 @@
+"""The self-description every QGMRN export carries (export.onnx_export writes it) and the checks
+every backend runs on it at load: one module that the backends import, none of them each other."""
+from __future__ import annotations
+
+import json
+
+from .errors import ModelError
+
+METADATA_KEY = "qgmrn"
+METADATA_FORMAT = "qgmrn-onnx"
+METADATA_VERSION = 1
+
+
+def parse_metadata(raw: str | None, path) -> dict:
+    if raw is None:
+        raise ModelError(f"{path} is not a QGMRN export: it carries no '{METADATA_KEY}' metadata "
+                         "(export it with python -m export.to_onnx)")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{path}: its QGMRN metadata is not valid JSON") from e
+    if meta.get("format") != METADATA_FORMAT or meta.get("format_version") != METADATA_VERSION:
+        raise ModelError(f"{path}: metadata format {meta.get('format')!r} v{meta.get('format_version')} "
+                         "is not one this runtime reads")
+    missing = {"vocab", "answers", "image_size", "max_question_len", "layer_sizes", "mean", "std"} - set(meta)
+    if missing:
+        raise ModelError(f"{path}: QGMRN metadata lacks {sorted(missing)}")
+    return meta
+
+
+def check_metadata_against_shapes(meta: dict, logits_shape, gates_shape, path) -> None:
+    """Metadata that disagrees with the graph would index past the logits or read gates of other
+    modules: refuse it at load. Dims that are symbolic (str or None) are not checked."""
+    answers, sizes = meta["answers"], meta["layer_sizes"]
+    if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers) or \
+            len(set(answers)) != len(answers):
+        raise ModelError(f"{path}: its answer list is not a list of distinct strings")
+    if not isinstance(sizes, list) or not sizes or not all(isinstance(m, int) and m > 0 for m in sizes):
+        raise ModelError(f"{path}: its layer_sizes metadata is not a list of positive integers")
+    width = logits_shape[-1] if len(logits_shape) == 2 else None
+    if isinstance(width, int) and width != len(answers):
+        raise ModelError(f"{path}: the graph scores {width} answers but its metadata lists {len(answers)}; "
+                         "the file was altered or mis-exported")
+    if len(gates_shape) != 3:
+        raise ModelError(f"{path}: gates output has shape {gates_shape}, expected (batch, layers, modules)")
+    layers, modules = gates_shape[1], gates_shape[2]
+    if (isinstance(layers, int) and layers != len(sizes)) or (isinstance(modules, int) and modules != max(sizes)):
+        raise ModelError(f"{path}: the graph routes {layers} x {modules} modules but its metadata's "
+                         f"layer_sizes {sizes} say {len(sizes)} x {max(sizes)}")
