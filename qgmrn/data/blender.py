@@ -21,8 +21,11 @@ from PIL import Image
 from . import clevr_world as world
 
 INSTALL_HINT = "the Blender renderer needs bpy: pip install 'qgmrn[render]' (Python 3.11)"
-GROUND_ALBEDO = 0.47      # calibrated against the real sample (study/render_fidelity.py)
-LIGHT_SCALE = 1.8         # Blender 2.7x lamp strengths -> today's Watts; calibrated the same way
+# Calibrated against the real sample (study/render_fidelity.py; 8 scenes at 120 x 80 and 240 x 160):
+GROUND_ALBEDO = 0.47      # with LIGHT_SCALE: the floor's brightness and its fall-off to the back
+CUBE_SCALE, CUBE_BEVEL = 1.0, 0.12       # 0.9 or 0.8, or a rounder bevel (0.25), re-render worse
+RUBBER_SHEEN_IOR, RUBBER_COAT_IOR, RUBBER_COAT_ROUGHNESS = 0.6, 1.2, 0.175   # DESIGN.md's; the coat barely matters
+LIGHT_SCALE = 1.8         # Blender 2.7x lamp strengths -> today's Watts
 
 
 def import_bpy():
@@ -182,7 +185,7 @@ class BlenderRenderer:
         import bmesh
         bm = bmesh.new()
         bmesh.ops.create_cube(bm, size=2.0)
-        rounded = bmesh.ops.bevel(bm, geom=list(bm.edges) + list(bm.verts), offset=0.12, segments=4,
+        rounded = bmesh.ops.bevel(bm, geom=list(bm.edges) + list(bm.verts), offset=CUBE_BEVEL, segments=4,
                                   profile=0.5, affect="EDGES")
         for f in rounded["faces"]:
             f.smooth = True
@@ -227,7 +230,7 @@ class BlenderRenderer:
         for n in (diffuse, sheen):
             links.new(info.outputs["Color"], n.inputs["Color"])
         fresnel_a, fresnel_b = nodes.new("ShaderNodeFresnel"), nodes.new("ShaderNodeFresnel")
-        fresnel_a.inputs["IOR"].default_value, fresnel_b.inputs["IOR"].default_value = 0.6, 1.2
+        fresnel_a.inputs["IOR"].default_value, fresnel_b.inputs["IOR"].default_value = RUBBER_SHEEN_IOR, RUBBER_COAT_IOR
         cloth = nodes.new("ShaderNodeMixShader")
         links.new(fresnel_a.outputs[0], cloth.inputs[0])
         links.new(diffuse.outputs[0], cloth.inputs[1])
@@ -235,7 +238,7 @@ class BlenderRenderer:
         gloss = nodes.new("ShaderNodeBsdfGlossy")
         gloss.distribution = "GGX"
         gloss.inputs["Color"].default_value = (0.8, 0.8, 0.8, 1.0)
-        gloss.inputs["Roughness"].default_value = 0.175
+        gloss.inputs["Roughness"].default_value = RUBBER_COAT_ROUGHNESS
         coat = nodes.new("ShaderNodeMixShader")
         links.new(fresnel_b.outputs[0], coat.inputs[0])
         links.new(cloth.outputs[0], coat.inputs[1])
@@ -279,10 +282,12 @@ class BlenderRenderer:
             obj.location = layout["lights"][name]
         for k, o in enumerate(layout["objects"]):
             obj = self._link(bpy.data.objects.new(f"obj{k}", self.meshes[o["shape"]]))
-            r = o["3d_coords"][2]
+            r = o["3d_coords"][2] * (CUBE_SCALE if o["shape"] == "cube" else 1.0)
             obj.scale = (r, r, r)
             obj.location = (o["3d_coords"][0], o["3d_coords"][1], r)
-            obj.rotation_euler = (0.0, 0.0, math.radians(o["rotation"]))
+            # CLEVR records `rotation` in degrees but hands it to Blender, which reads radians:
+            # the real scenes are turned by that many radians, and so are ours
+            obj.rotation_euler = (0.0, 0.0, o["rotation"])
             obj.material_slots[0].link = "OBJECT"      # the shared mesh keeps one empty slot
             obj.material_slots[0].material = self.materials[o["material"]]
             obj.color = _linear(world.COLORS[o["color"]])
