@@ -46,6 +46,7 @@ def save_checkpoint(path: str | os.PathLike, *, model: QGMRN, vocab: list[str], 
         state["total_steps"] = int(total_steps)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())          # mkstemp makes it 0600; a run's files share one mode
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
@@ -56,6 +57,12 @@ def save_checkpoint(path: str | os.PathLike, *, model: QGMRN, vocab: list[str], 
             os.unlink(tmp)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def remove_stale(parent: Path, pattern: str, max_age_s: float) -> None:

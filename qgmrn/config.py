@@ -11,6 +11,9 @@ from dataclasses import dataclass
 
 ARCHS = ("brn", "frn")
 BLOCK_NORMS = ("group", "batch")
+POSITIVE = ("vocab_size", "num_answers", "image_size", "embed_dim", "hidden_dim", "stem_width", "stem_kernel",
+            "stage_depths", "stage_widths", "stage_strides", "cardinality", "bottleneck_expansion", "gn_groups",
+            "head_dim", "mlp_dim", "attn_dim", "attn_layers", "attn_heads")
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,15 @@ class ModelConfig:
     attn_heads: int = 4
 
     def __post_init__(self):
+        for name in POSITIVE:
+            values = getattr(self, name)
+            for v in (values if isinstance(values, tuple) else (values,)):
+                if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                    raise ValueError(f"{name} must be a positive integer, got {values!r}")
+        if not 0.0 < self.route_init_prob < 1.0:
+            raise ValueError(f"route_init_prob must lie in (0, 1), got {self.route_init_prob}")
+        if not self.tau > 0.0:
+            raise ValueError(f"tau must be positive, got {self.tau}")
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
         if self.block_norm not in BLOCK_NORMS:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import io
 import os
 import re
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 NULL, UNK = "<NULL>", "<UNK>"
 NULL_ID, UNK_ID = 0, 1
@@ -91,19 +92,34 @@ def encode_batch(vocab: Vocab, questions: list[str], max_len: int | None = None
 
 
 # -- images ---------------------------------------------------------------------------------
+# Largest image decoded: 64 megapixels (a 50 MP phone photo fits; the model sees 64-224 px). A PNG of
+# a few hundred KB can claim 13000 x 13000 pixels and take gigabytes to decode: it is refused from
+# its header, before decoding.
+MAX_PIXELS = 64_000_000
+
+
 def load_rgb(image) -> Image.Image:
-    """A path, bytes, PIL image or uint8 array (HxW, HxWx3, HxWx4) -> RGB PIL image."""
+    """A path, bytes, PIL image or uint8 array (HxW, HxWx3, HxWx4) -> RGB PIL image, upright
+    (EXIF orientation applied, as photo viewers show it)."""
     if isinstance(image, (str, os.PathLike)):
         path = os.fspath(image)
         if not os.path.exists(path):
             raise ImageError(f"image file not found: {path}")
+        if not os.path.isfile(path):              # a FIFO or a device would block or never end
+            raise ImageError(f"image {path} is not a regular file")
         return _decode(path, f"image {path}")
     if isinstance(image, (bytes, bytearray, memoryview)):
         if len(image) == 0:
             raise ImageError("image bytes are empty")
         return _decode(io.BytesIO(image), "image bytes")
     if isinstance(image, Image.Image):
-        return _check_size(_to_rgb(image, "PIL image"), "PIL image")
+        try:
+            _check_pixels(image, "PIL image")
+            return _check_size(_to_rgb(ImageOps.exif_transpose(image), "PIL image"), "PIL image")
+        except ValueError as e:                   # a closed image, a mode Pillow cannot convert
+            if isinstance(e, ImageError):
+                raise
+            raise ImageError(f"cannot use the PIL image: {e}") from e
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
             raise ImageError(f"image array must be uint8, got {image.dtype}")
@@ -121,9 +137,13 @@ def load_rgb(image) -> Image.Image:
 def _decode(source, what: str) -> Image.Image:
     """Decode a file or buffer fully (a truncated PNG fails here, not later) and convert to RGB."""
     try:
-        with Image.open(source) as im:
+        with warnings.catch_warnings():           # the size is checked here, against MAX_PIXELS
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(source)
+        with im:
+            _check_pixels(im, what)
             im.load()
-            rgb = _to_rgb(im, what)
+            rgb = _to_rgb(ImageOps.exif_transpose(im), what)
     except Image.DecompressionBombError as e:
         raise ImageError(f"cannot decode {what}: it is too large ({e})") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
@@ -131,6 +151,12 @@ def _decode(source, what: str) -> Image.Image:
             raise
         raise ImageError(f"cannot decode {what}: {e}") from e
     return _check_size(rgb, what)
+
+
+def _check_pixels(im: Image.Image, what: str) -> None:
+    if im.width * im.height > MAX_PIXELS:
+        raise ImageError(f"{what} is {im.width} x {im.height} pixels, more than the {MAX_PIXELS // 10**6} "
+                         "megapixels this runtime decodes; shrink it first")
 
 
 def _to_rgb(im: Image.Image, what: str) -> Image.Image:
@@ -159,6 +185,8 @@ def _to_rgb(im: Image.Image, what: str) -> Image.Image:
         else:
             raise ImageError(f"{what}: float pixels in {lo:g}..{hi:g}: expected 0..1 or 0..255")
         return Image.fromarray(np.rint(a * scale).astype(np.uint8)).convert("RGB")
+    if mode in ("La", "RGBa"):                    # premultiplied alpha: Pillow converts it via LA/RGBA
+        im = im.convert("LA" if mode == "La" else "RGBA")
     return im.convert("RGB")
 
 

@@ -77,8 +77,8 @@ class Model:
         images, questions = list(images), list(questions)
         if len(images) != len(questions):
             raise ValueError(f"{len(images)} images but {len(questions)} questions")
-        if top_k < 1:
-            raise ValueError("top_k must be at least 1")
+        if not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or top_k < 1:
+            raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
         out: list[Prediction] = []
         for i in range(0, len(images), batch_size):
             out += self._predict_chunk(images[i:i + batch_size], questions[i:i + batch_size], top_k)

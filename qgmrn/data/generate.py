@@ -95,6 +95,7 @@ def main(argv=None) -> int:
     ap.add_argument("--objects", type=int, nargs=2, default=(3, 10), metavar=("MIN", "MAX"),
                     help="objects per scene (default: CLEVR's 3 10)")
     ap.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    ap.add_argument("--overwrite", action="store_true", help="replace the Pillow dataset already in --out")
     ap.add_argument("--renderer", choices=("pillow", "blender"), default="pillow",
                     help="pillow: 2-D drawings at 480x320 (fast); blender: Cycles renders of CLEVR's world")
     ap.add_argument("--size", type=int, nargs=2, default=None, metavar=("W", "H"),
@@ -109,7 +110,16 @@ def main(argv=None) -> int:
     if a.renderer == "pillow":
         if a.size or a.samples:
             ap.error("--size and --samples are the Blender renderer's (--renderer blender)")
-        stats = generate(a.out, a.images, val, a.questions, a.seed, a.workers, objects=tuple(a.objects))
+        held = [p for p in (Path(a.out) / "questions").glob("CLEVR_*_questions.json")]
+        if held and not a.overwrite:
+            print(f"error: {a.out} already holds a dataset ({held[0]}); give a new --out, or --overwrite "
+                  "to replace it", file=sys.stderr)
+            return 1
+        try:
+            stats = generate(a.out, a.images, val, a.questions, a.seed, a.workers, objects=tuple(a.objects))
+        except OSError as e:                      # --out is a file, read-only, full, ...
+            print(f"error: cannot write the dataset: {e.strerror or e}: {e.filename or a.out}", file=sys.stderr)
+            return 1
     else:
         size, samples = tuple(a.size or (240, 160)), a.samples or 32
         if min(size) < 8 or samples < 1:

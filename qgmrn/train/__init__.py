@@ -34,7 +34,7 @@ from .cli import parse_args
 from .data import resolve_data
 from .hardware import _all_sum, _dist_setup, cpu_has_amx_bf16, training_precision
 from .report import Reporter, write_atomic
-from .resume import _finished_message, check_out_dir, given_fields, restore_config
+from .resume import _finished_message, absolute_paths, check_out_dir, given_fields, restore_config, trim_metrics
 from .run import Run, build_or_restore, planned_steps
 from .schedule import lr_lambda, resolve_lr
 from .settings import TrainConfig, TrainingStopped, validate, validate_model_overrides
@@ -188,6 +188,7 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None, resume: str | N
     if main_rank:
         out.mkdir(parents=True, exist_ok=True)
         remove_stale(out, "ckpt.pt.*.tmp", max_age_s=60)   # a killed save's temp file
+        trim_metrics(out / "metrics.jsonl", run.step if resume_state is not None else None)
         write_atomic(out / "config.json", json.dumps({"train": dataclasses.asdict(run.cfg),
                                                       "model": run.model.cfg.to_dict()}, indent=2))
     baseline = majority_baseline(data.train, run.val_ds.samples) if main_rank else {}
@@ -231,8 +232,9 @@ def settle_settings(cfg: TrainConfig, model_overrides, resume, init_from, given)
                                 f"{sorted(model_overrides)} cannot change it")
         chosen = dict(given if given is not None else given_fields(cfg))
         chosen.setdefault("out", str(Path(resume).parent))
-        return restore_config(resume_state.get("train_config") or {}, chosen, resume), {}, resume_state
-    cfg = validate(cfg)
+        cfg = absolute_paths(restore_config(resume_state.get("train_config") or {}, chosen, resume))
+        return cfg, {}, resume_state
+    cfg = absolute_paths(validate(cfg))
     if init_from and model_overrides:
         raise SettingsError(f"--init-from takes the model from {init_from}; model settings "
                             f"{sorted(model_overrides)} cannot change it")
@@ -301,6 +303,9 @@ def main(argv=None) -> int:
         return e.code
     except (CheckpointError, DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:                          # an --out that is a file, read-only, full, ...
+        print(f"error: {e.strerror or e}: {e.filename or cfg.out}", file=sys.stderr)
         return 2
     finally:
         if dist.is_initialized():

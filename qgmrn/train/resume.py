@@ -3,6 +3,8 @@ change (RESUME_MAY_CHANGE), when a folder holding a run may be reused, and what 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from pathlib import Path
 
 from ..settings import SettingsError, field_types, typed
@@ -57,6 +59,39 @@ def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
                             f"--out {out}, or pass --overwrite to start over there")
     for name in ("ckpt.pt", "metrics.jsonl", "eval.json", "config.json"):
         (out / name).unlink(missing_ok=True)
+    # an export of the replaced checkpoint, in the run folder or beside it, would answer for the new
+    # run: it goes with the checkpoint it came from
+    from export.bundle import bundle_files, default_out
+    for stale in bundle_files(out) + bundle_files(default_out(ckpt)):
+        stale.unlink(missing_ok=True)
+
+
+def trim_metrics(path: Path, step: int | None) -> None:
+    """metrics.jsonl as the run continues from `step`: rows a killed process wrote past its last
+    checkpoint would appear twice, so they go; a new run (step None) starts the file afresh."""
+    if step is None or not path.exists():
+        path.unlink(missing_ok=True)
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, AttributeError):
+            continue                              # a half-written last line of a killed process
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(k + "\n" for k in kept))
+    os.replace(tmp, path)
+
+
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """Data and cache paths as absolute paths: a run resumed from another directory reads the same
+    files, and a path given again is compared with the stored one as the same folder."""
+    def absolute(p):
+        return str(Path(p).resolve()) if p else p
+    return dataclasses.replace(cfg, data_root=absolute(cfg.data_root), cache_dir=absolute(cfg.cache_dir),
+                               jsonl=tuple(absolute(p) for p in cfg.jsonl),
+                               humans=tuple(absolute(p) for p in cfg.humans))
 
 
 def _finished_message(state: dict, out: Path) -> str:

@@ -74,6 +74,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise SettingsError("jsonl takes two files: train and val")
     if cfg.humans and len(cfg.humans) != 2:
         raise SettingsError("humans takes two files: train and val")
+    if cfg.jsonl and cfg.data_root:
+        raise SettingsError("give one data source: --data-root (CLEVR layout) or --jsonl, not both")
     if sum(map(bool, (cfg.jsonl, cfg.humans))) > 1:
         raise SettingsError("give one data source: --jsonl or --humans (with --data-root)")
     if cfg.progress_every <= 0:
