@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
+import torch
 
-from qgmrn.checkpoint import load_checkpoint, model_from_checkpoint, remove_stale
+from qgmrn.checkpoint import CheckpointError, check_fits, load_checkpoint, model_from_checkpoint, remove_stale
 from qgmrn.preprocess import Vocab
 
 from .onnx_export import build_metadata, export_onnx, file_sha256, routing_precision_report
@@ -109,14 +110,10 @@ def export_checkpoint(checkpoint, out=None, fp16: bool = False, data_root=None, 
     if recipe:                  # the recipe (config file) the run followed, for the metadata
         state = {**state, "train_config": {**(state.get("train_config") or {}), "recipe": recipe}}
     model = model_from_checkpoint(state).eval()
-    answers = list(state["answers"])
-    if len(answers) != model.cfg.num_answers or len(set(answers)) != len(answers):
-        raise ExportError(f"{checkpoint}: its answer list ({len(answers)} answers"
-                          f"{', with repeats' if len(set(answers)) != len(answers) else ''}) does not match "
-                          f"its classifier ({model.cfg.num_answers} outputs); it cannot be exported", 2)
-    if len(state["vocab"]) != model.cfg.vocab_size:
-        raise ExportError(f"{checkpoint}: its vocabulary ({len(state['vocab'])} words) does not match its "
-                          f"embedding ({model.cfg.vocab_size} rows); it cannot be exported", 2)
+    try:
+        check_fits(state, model, checkpoint)
+    except CheckpointError as e:
+        raise ExportError(f"{e}; it cannot be exported", 2) from e
     out = Path(out) if out else default_out(checkpoint)
     stage = staging_dir(out, overwrite)
     try:
@@ -143,6 +140,7 @@ def export_checkpoint(checkpoint, out=None, fp16: bool = False, data_root=None, 
                              TOLERANCES[precision])
             result["file"] = path.name
             result["bytes"] = path.stat().st_size
+            result["sha256"] = file_sha256(path)          # the runtime checks it when it loads the bundle
             result["backend"] = "onnxruntime CPUExecutionProvider"
             result["routing_precision"] = routing_precision_report(onnx.load(str(path)))
             report["artefacts"][f"onnx-{precision}"] = result
@@ -154,12 +152,19 @@ def export_checkpoint(checkpoint, out=None, fp16: bool = False, data_root=None, 
             ov_row["advisory"] = True
             report["artefacts"][ov_row["name"]] = ov_row
             log(_line(ov_row["name"], ov_row) + "  (advisory: the OpenVINO backend, not a bundle file)")
-        report["passed"] = all(r["passed"] for r in report["artefacts"].values() if not r.get("advisory"))
+        # weights no parity input reaches (an unknown word's embedding row, a bias of a path not
+        # taken) would still answer wrongly later: every weight must be finite
+        report["non_finite_weights"] = [name for name, t in model.state_dict().items()
+                                        if t.is_floating_point() and not torch.isfinite(t).all()]
+        report["passed"] = not report["non_finite_weights"] and all(
+            r["passed"] for r in report["artefacts"].values() if not r.get("advisory"))
         write_report(stage, report)
         if not report["passed"]:
             failed = keep_failed(stage, out)
-            problems = "; ".join(f"{k}: {', '.join(r['failures'])}" for k, r in report["artefacts"].items()
-                                 if not r["passed"] and not r.get("advisory"))
+            problems = "; ".join([f"{k}: {', '.join(r['failures'])}" for k, r in report["artefacts"].items()
+                                  if not r["passed"] and not r.get("advisory")]
+                                 + [f"non-finite weights in {', '.join(report['non_finite_weights'][:5])}"]
+                                 * bool(report["non_finite_weights"]))
             raise ExportError(f"parity check failed: {problems}. Nothing was published; the failed "
                               f"artefacts and parity.json are in {failed}", 1)
         return Staged(stage, out, report, state, model, batches, reference)

@@ -98,10 +98,14 @@ def main(argv=None) -> int:
             extra.update(typed(TrainConfig, {k: raw}, "--set"))
     except SettingsError as e:
         ap.error(str(e))
+    fixed = sorted({"preset", "out", "data_root", "steps", "epochs", "jsonl", "humans"} & set(extra))
+    if fixed:
+        ap.error(f"--set {', '.join(fixed)}: the grid fixes these (every row is the `small` preset at the "
+                 "paper's settings, labelled as the paper's row; use --steps and --data-root for the rest)")
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     rows = []
     try:
+        out.mkdir(parents=True, exist_ok=True)
         for name in a.rows:
             print(f"== {name} ({ROWS[name][2]})", flush=True)
             rows.append(run_row(name, out, a.steps, a.data_root, extra, log=lambda *x, **k: None))
@@ -111,6 +115,9 @@ def main(argv=None) -> int:
         return e.code
     except (DataError, SettingsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:                          # an --out that is a file, read-only, full, ...
+        print(f"error: {e.strerror or e}: {e.filename or a.out}", file=sys.stderr)
         return 2
     text = table(rows)
     (out / "table.md").write_text(text + "\n")

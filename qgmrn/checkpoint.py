@@ -59,6 +59,19 @@ def save_checkpoint(path: str | os.PathLike, *, model: QGMRN, vocab: list[str], 
     return path
 
 
+def check_fits(state: dict, model, source) -> None:
+    """The answer list and vocabulary must fit the classifier and the embedding they index:
+    otherwise answers are mislabelled or word ids run past the table. Export and evaluate both ask."""
+    answers = list(state["answers"])
+    if len(answers) != model.cfg.num_answers or len(set(answers)) != len(answers):
+        raise CheckpointError(f"{source}: its answer list ({len(answers)} answers"
+                              f"{', with repeats' if len(set(answers)) != len(answers) else ''}) does not match "
+                              f"its classifier ({model.cfg.num_answers} outputs)")
+    if len(state["vocab"]) != model.cfg.vocab_size:
+        raise CheckpointError(f"{source}: its vocabulary ({len(state['vocab'])} words) does not match its "
+                              f"embedding ({model.cfg.vocab_size} rows)")
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

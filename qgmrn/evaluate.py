@@ -133,6 +133,13 @@ def write_plots(result: dict, out_dir: str | Path, metrics_file: str | Path | No
     return written
 
 
+def within_limit(samples, limit: int) -> tuple[list, int]:
+    """The questions a model with this token limit takes, and how many it does not: the runtime
+    refuses longer ones (never truncates), so evaluation skips and counts them, in training too."""
+    kept = [s for s in samples if len(tokenize(s.question)) <= limit]
+    return kept, len(samples) - len(kept)
+
+
 def build_eval_dataset(state: dict, data_root, jsonl, split: str, cache_dir=None, max_samples: int = 0) -> VQADataset:
     """The questions the model can take (longer ones are counted in `skipped`), the first
     `max_samples` of them when that is > 0."""
@@ -142,9 +149,7 @@ def build_eval_dataset(state: dict, data_root, jsonl, split: str, cache_dir=None
     else:
         samples, where, name = load_clevr(data_root, split), Path(data_root), split
     vocab = Vocab(list(state["vocab"]))
-    limit = int(state["max_question_len"])
-    kept = [s for s in samples if len(tokenize(s.question)) <= limit]
-    skipped = len(samples) - len(kept)
+    kept, skipped = within_limit(samples, int(state["max_question_len"]))
     kept = kept[:max_samples] if max_samples > 0 else kept
     cache = open_cache(cache_dir or default_cache_dir(where), name, cfg.image_size, [s.image for s in kept],
                        build=False)
@@ -154,7 +159,7 @@ def build_eval_dataset(state: dict, data_root, jsonl, split: str, cache_dir=None
 
 
 def main(argv=None) -> int:
-    from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+    from .checkpoint import CheckpointError, check_fits, load_checkpoint, model_from_checkpoint
 
     ap = argparse.ArgumentParser(prog="python -m qgmrn.evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -177,6 +182,7 @@ def main(argv=None) -> int:
                 raise DataError("--plots needs matplotlib: pip install 'qgmrn[plots]'")
         state = load_checkpoint(a.checkpoint)
         model = model_from_checkpoint(state)
+        check_fits(state, model, a.checkpoint)
         data_root = a.data_root or (None if a.jsonl else state["train_config"].get("data_root"))
         if not data_root and not a.jsonl:
             raise DataError("give --data-root or --jsonl: the checkpoint does not name its data")

@@ -2,6 +2,7 @@
 Each runner takes numpy feeds and returns {"logits", "gates", "route_logits"} as float32 arrays."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -43,7 +44,8 @@ class OnnxRuntimeRunner:
         missing = set(OUTPUTS) - set(shapes)
         if missing:
             raise ModelError(f"{path} is not a QGMRN export: it has no output {sorted(missing)}")
-        check_metadata_against_shapes(self.metadata, shapes["logits"], shapes["gates"], path)
+        inputs = {i.name: i.shape for i in self.session.get_inputs()}
+        check_metadata_against_shapes(self.metadata, shapes["logits"], shapes["gates"], path, inputs.get("image"))
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(OUTPUTS, self.session.run(list(OUTPUTS), feeds)))
@@ -88,6 +90,8 @@ def _candidates(path: Path, backend: str) -> list[tuple[str, object]]:
         engine = None
     if onnx_path is not None and not onnx_path.exists():
         onnx_path = None
+    if path.is_dir():
+        check_bundle(path, onnx_path)
 
     def need_onnx(name):
         if onnx_path is None:
@@ -121,6 +125,30 @@ def _candidates(path: Path, backend: str) -> list[tuple[str, object]]:
             log.info("runtime: OpenVINO not chosen: %s", why)
         out.append(("onnxruntime CPU", lambda: OnnxRuntimeRunner(onnx_path, "cpu")))
     return out
+
+
+def check_bundle(directory: Path, onnx_path: Path | None) -> None:
+    """A bundle is what export published: refuse one whose parity.json says it failed, or whose
+    model.onnx is not the file parity was proven on (its sha256 differs: altered or corrupt)."""
+    report_path = directory / "parity.json"
+    if not report_path.exists():
+        return
+    try:
+        report = json.loads(report_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelError(f"{report_path} is unreadable ({e}); re-export the checkpoint") from e
+    if report.get("passed") is False:
+        raise ModelError(f"{directory}: its parity.json says this export failed its parity check; "
+                         "it answers unlike the checkpoint and is not used")
+    expected = ((report.get("artefacts") or {}).get("onnx-fp32") or {}).get("sha256")
+    if expected and onnx_path is not None:
+        digest = hashlib.sha256()
+        with open(onnx_path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        if digest.hexdigest() != expected:
+            raise ModelError(f"{onnx_path} is not the file its parity.json proved (sha256 differs): it was "
+                             "altered or corrupted; re-export the checkpoint")
 
 
 def _require_gpu(runner):

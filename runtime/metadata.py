@@ -25,10 +25,32 @@ def parse_metadata(raw: str | None, path) -> dict:
     missing = {"vocab", "answers", "image_size", "max_question_len", "layer_sizes", "mean", "std"} - set(meta)
     if missing:
         raise ModelError(f"{path}: QGMRN metadata lacks {sorted(missing)}")
+    _check_fields(meta, path)
     return meta
 
 
-def check_metadata_against_shapes(meta: dict, logits_shape, gates_shape, path) -> None:
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _check_fields(meta: dict, path) -> None:
+    """Types, and the metadata's agreement with its own model_config (what the graph was built from)."""
+    if not isinstance(meta["vocab"], list) or not all(isinstance(w, str) for w in meta["vocab"]):
+        raise ModelError(f"{path}: its vocabulary metadata is not a list of words")
+    for key in ("image_size", "max_question_len"):
+        if not _positive_int(meta[key]):
+            raise ModelError(f"{path}: its metadata's {key} is {meta[key]!r}, not a positive integer")
+    mcfg = meta.get("model_config")
+    if isinstance(mcfg, dict):
+        if "vocab_size" in mcfg and mcfg["vocab_size"] != len(meta["vocab"]):
+            raise ModelError(f"{path}: its vocabulary has {len(meta['vocab'])} words but the model was built "
+                             f"for {mcfg['vocab_size']}; the file was altered or mis-exported")
+        if "image_size" in mcfg and mcfg["image_size"] != meta["image_size"]:
+            raise ModelError(f"{path}: its metadata's image_size is {meta['image_size']} but the model was "
+                             f"built for {mcfg['image_size']}; the file was altered or mis-exported")
+
+
+def check_metadata_against_shapes(meta: dict, logits_shape, gates_shape, path, image_shape=None) -> None:
     """Metadata that disagrees with the graph would index past the logits or read gates of other
     modules: refuse it at load. Dims that are symbolic (str or None) are not checked."""
     answers, sizes = meta["answers"], meta["layer_sizes"]
@@ -41,6 +63,11 @@ def check_metadata_against_shapes(meta: dict, logits_shape, gates_shape, path) -
     if isinstance(width, int) and width != len(answers):
         raise ModelError(f"{path}: the graph scores {width} answers but its metadata lists {len(answers)}; "
                          "the file was altered or mis-exported")
+    if image_shape is not None and len(image_shape) == 4:
+        fixed = [d for d in image_shape[2:] if isinstance(d, int)]
+        if any(d != meta["image_size"] for d in fixed):
+            raise ModelError(f"{path}: the graph takes {image_shape[2]} x {image_shape[3]} images but its metadata "
+                             f"says image_size {meta['image_size']}")
     if len(gates_shape) != 3:
         raise ModelError(f"{path}: gates output has shape {gates_shape}, expected (batch, layers, modules)")
     layers, modules = gates_shape[1], gates_shape[2]

@@ -106,7 +106,8 @@ class OpenVINORunner:
             raise ModelError(f"{path}: OpenVINO cannot compile this model: {e}") from e
         self.metadata = parse_metadata(raw, path)
         dims = lambda port: [d.get_length() if d.is_static else None for d in port.get_partial_shape()]  # noqa: E731
-        check_metadata_against_shapes(self.metadata, dims(self._v.outputs[0]), dims(self._q.outputs[-2]), path)
+        check_metadata_against_shapes(self.metadata, dims(self._v.outputs[0]), dims(self._q.outputs[-2]), path,
+                                      dims(self._v.inputs[0]))
         self.precision = visual_precision
         self.name = f"OpenVINO {ov.__version__} (CPU, routing f32, visual {visual_precision})"
         self._q_out = list(self._q.outputs)

@@ -52,6 +52,29 @@ def check_recipe(path: Path, state: dict) -> str:
     return path.name
 
 
+PATH_KEYS = ("data_root", "out", "cache_dir")
+
+
+def without_paths(train_config: dict) -> dict:
+    """The training settings as the card shows them: folders by their name only (the training
+    machine's absolute paths say nothing to a reader and leak where it ran)."""
+    out = dict(train_config)
+    for key in PATH_KEYS:
+        if out.get(key):
+            out[key] = Path(out[key]).name
+    for key in ("jsonl", "humans"):
+        if out.get(key):
+            out[key] = [Path(p).name for p in out[key]]
+    return out
+
+
+def data_description(root) -> dict:
+    """What the held-apart split is: the generator's settings from its scenes file."""
+    info = json.loads((Path(root) / "scenes" / "CLEVR_val_scenes.json").read_text()).get("info", {})
+    return {"name": Path(root).name, **{k: info[k] for k in ("generator", "renderer", "size", "samples", "seed",
+                                                             "objects") if k in info}}
+
+
 def runtime_score(onnx_path: Path, samples) -> dict:
     import runtime
     model = runtime.load(onnx_path, backend="cpu")
@@ -79,7 +102,7 @@ def main(argv=None) -> int:
         recipe = check_recipe(Path(a.recipe), state)
     val_root = a.val_root or state["train_config"].get("data_root")
     model = model_from_checkpoint(state).eval()
-    card: dict = {"checkpoint": Path(a.checkpoint).name, "train_config": state["train_config"],
+    card: dict = {"checkpoint": Path(a.checkpoint).name, "train_config": without_paths(state["train_config"]),
                   "model_config": state["model_config"], "train_steps": state["step"],
                   "train_seconds": state.get("train_seconds"), "parameters": sum(p.numel() for p in model.parameters())}
     from qgmrn.data.sources import majority_baseline, question_only_baseline
@@ -88,15 +111,24 @@ def main(argv=None) -> int:
     for name, root in (("generated_val", val_root), ("real_clevr_val", REAL_SAMPLE)):
         dataset = build_eval_dataset(state, root, None, "val")
         card[name] = public(evaluate_model(model, dataset, 256, "cpu"))
-        card[name]["data"] = str(root)
+        card[name]["data"] = Path(root).name
         print(f"{name}: {card[name]['overall']:.3f} on {card[name]['n']} questions", flush=True)
+    # the whole real sample (both splits, 340 questions): none of it was trained on
+    from qgmrn.data.datasets import VQADataset
+    from qgmrn.preprocess import Vocab
+    real_all = load_clevr(REAL_SAMPLE, "train") + load_clevr(REAL_SAMPLE, "val")
+    dataset = VQADataset(real_all, Vocab(list(state["vocab"])), list(state["answers"]), model.cfg.image_size)
+    card["real_clevr_all"] = {**public(evaluate_model(model, dataset, 256, "cpu")), "data": REAL_SAMPLE.name}
+    print(f"real_clevr_all: {card['real_clevr_all']['overall']:.3f} on {card['real_clevr_all']['n']} questions")
+    card["data"] = data_description(val_root)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         gen = pinned_generated(tmp / "pinned")
         staged = export_checkpoint(a.checkpoint, tmp / "bundle", data_root=str(val_root), parity_n=300,
                                    extra_samples=load_clevr(REAL_SAMPLE, "val"), log=print, recipe=recipe)
         card["parity"] = staged.report["artefacts"]["onnx-fp32"]
-        card["parity_inputs"] = staged.report["inputs"] + " + the real CLEVR sample's val questions"
+        card["parity_inputs"] = (staged.report["inputs"].replace(str(val_root), Path(val_root).name)
+                                 + " + the real CLEVR sample's val questions")
         onnx_path = staged.stage / "model.onnx"
         card["pinned"] = {"real_clevr_val": runtime_score(onnx_path, load_clevr(REAL_SAMPLE, "val")),
                           "generated": {**runtime_score(onnx_path, load_clevr(gen, "val")),
@@ -127,7 +159,11 @@ def card_markdown(card: dict) -> str:
     types = [t for t in TITLES if t in g["per_type"]]
     lines = ["| split | questions | Overall | " + " | ".join(TITLES[t] for t in types) + " |",
              "|---|---|---|" + "---|" * len(types)]
-    for name, res in (("generated val (held apart)", g), ("real CLEVR val sample", r)):
+    kind = (card.get("data") or {}).get("renderer", "generated")
+    rows = [(f"{kind} val (held apart)", g), ("real CLEVR val sample", r)]
+    if "real_clevr_all" in card:
+        rows.append(("real CLEVR sample, both splits", card["real_clevr_all"]))
+    for name, res in rows:
         lines.append(f"| {name} | {res['n']} | {100 * res['overall']:.1f} | "
                      + " | ".join(f"{100 * res['per_type'][t]:.1f}" if t in res["per_type"] else "-" for t in types) + " |")
     b = card.get("baselines")

@@ -38,7 +38,8 @@ def tiny_data(tmp_path_factory) -> Path:
 
 def tiny_train_config(data_root, out, **kw):
     from qgmrn.train import TrainConfig
-    fields = dict(data_root=str(data_root), preset="tiny", steps=4, batch_size=8, warmup_steps=2,
+    fields = dict(data_root=None if data_root is None else str(data_root), preset="tiny", steps=4, batch_size=8,
+                  warmup_steps=2,
                   log_every=1, save_every=1000, out=str(out), seed=0)
     fields.update(kw)
     return TrainConfig(**fields)

@@ -1,5 +1,7 @@
 """What a user relies on, round 2 (issue 21): each test is a scenario that went wrong before and a
 promise now kept: one clear line, a non-zero exit, nothing lost."""
+import dataclasses
+import importlib.util
 import io
 import json
 import os
@@ -162,3 +164,138 @@ def test_top_k_must_be_a_positive_integer(top_k, real_sample):
     model = runtime.load("builtin", backend="cpu")
     with pytest.raises(ValueError, match="top_k must be a positive integer"):
         model.predict(str(real_sample / "images/val/CLEVR_val_000010.png"), "How many cubes are there?", top_k=top_k)
+
+
+# -- exports and bundles --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bundle(tiny_checkpoint, tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("promises") / "bundle"
+    assert to_onnx_main([str(tiny_checkpoint), "--out", str(out), "--data-root", str(tiny_data),
+                         "--parity-samples", "8"]) == 0
+    return out
+
+
+def _with_metadata(src, dst, change):
+    import onnx
+    m = onnx.load(str(src))
+    prop = next(p for p in m.metadata_props if p.key == "qgmrn")
+    meta = json.loads(prop.value)
+    change(meta)
+    prop.value = json.dumps(meta)
+    onnx.save(m, str(dst))
+    return dst
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m.update(vocab=m["vocab"] + [f"w{i}" for i in range(500)]), "vocabulary has"),
+    (lambda m: m.update(vocab=m["vocab"][:10]), "vocabulary has"),
+    (lambda m: m.update(image_size=m["image_size"] * 2), "image_size"),
+    (lambda m: m.update(image_size=0), "not a positive integer"),
+    (lambda m: m.update(image_size="abc"), "not a positive integer"),
+    (lambda m: m.update(image_size=[64]), "not a positive integer"),
+])
+def test_metadata_that_does_not_fit_the_graph_is_refused_at_load(bundle, tmp_path, change, message):
+    bad = _with_metadata(bundle / "model.onnx", tmp_path / "bad.onnx", change)
+    for backend in ("cpu", "openvino") if importlib.util.find_spec("openvino") else ("cpu",):
+        with pytest.raises(runtime.ModelError, match=message):
+            runtime.load(bad, backend=backend)
+
+
+def test_a_graph_fixed_at_another_image_size_is_refused_even_if_its_config_agrees(bundle, tmp_path):
+    def change(m):
+        m["image_size"] *= 2
+        m["model_config"]["image_size"] *= 2
+    bad = _with_metadata(bundle / "model.onnx", tmp_path / "bad.onnx", change)
+    with pytest.raises(runtime.ModelError, match="takes"):
+        runtime.load(bad, backend="cpu")
+
+
+def test_a_bundle_whose_model_was_altered_after_export_is_refused(bundle, tmp_path):
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    data = bytearray((copy / "model.onnx").read_bytes())
+    for i in range(len(data) // 2, len(data) // 2 + 2000):   # flip bytes inside the weights
+        data[i] ^= 0x55
+    (copy / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(runtime.ModelError, match="sha256"):
+        runtime.load(copy)
+    assert runtime.load(bundle).answers                     # the untouched bundle loads
+
+
+def test_a_bundle_whose_parity_failed_is_refused(bundle, tmp_path):
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    report = json.loads((copy / "parity.json").read_text())
+    report["passed"] = False
+    (copy / "parity.json").write_text(json.dumps(report))
+    with pytest.raises(runtime.ModelError, match="failed its parity check"):
+        runtime.load(copy)
+
+
+def _poisoned(tmp_path, name, value):
+    import torch
+    from conftest import save_random_checkpoint
+    ckpt = save_random_checkpoint(tmp_path / "ckpt.pt", "tiny")
+    state = torch.load(ckpt, weights_only=True)
+    from qgmrn.preprocess import UNK_ID
+    weight = state["model"][name]
+    weight[UNK_ID if weight.dim() == 2 else 1] = value   # the unknown word's row: parity never reads it
+    torch.save(state, ckpt)
+    return ckpt
+
+
+@pytest.mark.parametrize("name, value", [("text.embed.weight", float("nan")), ("text.gru.bias_hh_l0", float("inf"))])
+def test_weights_no_parity_input_reaches_still_fail_export(tmp_path, tiny_data, capsys, name, value):
+    import torch
+    from conftest import save_random_checkpoint
+    probe = torch.load(save_random_checkpoint(tmp_path / "probe.pt", "tiny"), weights_only=True)["model"]
+    if name not in probe:
+        pytest.skip(f"the tiny model has no {name}: {sorted(k for k in probe if 'text' in k or 'embed' in k)[:6]}")
+    ckpt = _poisoned(tmp_path, name, value)
+    code = to_onnx_main([str(ckpt), "--out", str(tmp_path / "b"), "--data-root", str(tiny_data),
+                         "--parity-samples", "8"])
+    assert code == 1 and "non-finite weights" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
+def test_evaluate_refuses_a_checkpoint_whose_answers_do_not_fit_like_export(tmp_path, tiny_data, capsys):
+    import torch
+    from conftest import save_random_checkpoint
+    from qgmrn.evaluate import main as evaluate_main
+    ckpt = save_random_checkpoint(tmp_path / "ckpt.pt", "tiny")
+    state = torch.load(ckpt, weights_only=True)
+    state["answers"] = state["answers"][:-1]
+    torch.save(state, ckpt)
+    assert evaluate_main([str(ckpt), "--data-root", str(tiny_data)]) == 2
+    assert "does not match its classifier" in capsys.readouterr().err
+
+
+# -- data ------------------------------------------------------------------------------------------
+def test_jsonl_type_lists_and_non_utf8_lines_name_the_file_and_line(tmp_path, real_sample):
+    from qgmrn.data.sources import DataError, load_jsonl
+    image = str(real_sample / "images/val/CLEVR_val_000010.png")
+    (tmp_path / "t.jsonl").write_text(json.dumps({"image": image, "question": "Is it red?", "answer": "no",
+                                                  "type": ["x"]}) + "\n")
+    with pytest.raises(DataError, match=r"t.jsonl: line 1: field 'type' should be a string"):
+        load_jsonl(tmp_path / "t.jsonl")
+    good = json.dumps({"image": image, "question": "Is it red?", "answer": "no"}).encode()
+    (tmp_path / "u.jsonl").write_bytes(good + b"\n" + good.replace(b"red", b"r\xffd") + b"\n")
+    with pytest.raises(DataError, match=r"u.jsonl: line 2: not UTF-8"):
+        load_jsonl(tmp_path / "u.jsonl")
+
+
+def test_training_evaluation_skips_questions_over_the_limit_as_evaluate_does(tiny_data, tmp_path):
+    from qgmrn.train.run import within_limit
+    from qgmrn.data.sources import load_clevr
+    val = load_clevr(tiny_data, "val")
+    long_q = dataclasses.replace(val[0], question="Is there " + "a big red cube and " * 30 + "a ball?")
+    kept, skipped = within_limit(val + [long_q], 64)
+    assert skipped == 1 and len(kept) == len(val)
+
+
+def test_ablate_refuses_settings_that_would_mislabel_the_papers_rows(tmp_path, capsys):
+    from qgmrn.ablate import main as ablate_main
+    with pytest.raises(SystemExit) as e:
+        ablate_main(["--out", str(tmp_path / "a"), "--set", "preset=tiny"])
+    assert e.value.code == 2 and "fixes these" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()

@@ -131,8 +131,13 @@ def load_jsonl(path: str | os.PathLike, require_answers: bool = True) -> list[Sa
     if not path.exists():
         raise DataError(f"file not found: {path}")
     samples = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: line {lineno}: not UTF-8 text (byte {e.start + 1}: "
+                                f"{raw[e.start:e.start + 1]!r})") from e
             if not line.strip():
                 continue
             try:
@@ -140,6 +145,11 @@ def load_jsonl(path: str | os.PathLike, require_answers: bool = True) -> list[Sa
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}: line {lineno}: not valid JSON ({e})") from e
             where = f"line {lineno}"
+            for key in ("type", "subtype"):
+                value = rec.get(key) if isinstance(rec, dict) else None
+                if value is not None and not isinstance(value, str):
+                    raise DataError(f"{path}: {where}: field {key!r} should be a string, got "
+                                    f"{type(value).__name__} {json.dumps(value)[:40]}")
             image = _field(rec, "image", path, where)
             question = _field(rec, "question", path, where)
             answer = rec.get("answer")

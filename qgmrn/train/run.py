@@ -13,6 +13,7 @@ from ..data.datasets import VQADataset
 from ..data.prepare import open_cache
 from ..data.sources import DataError, answer_list
 from ..model import QGMRN, grow_model
+from ..evaluate import within_limit
 from ..preprocess import Vocab
 from .data import Data, question_limit, warn_about_val
 from .hardware import training_precision
@@ -97,7 +98,9 @@ def build_or_restore(cfg: TrainConfig, data: Data, resume_state, init_from, mode
             cache = cache or open_cache(data.cache_dir, name, size, images, build=False)
         caches.append(cache)
     train_ds = VQADataset(train_samples, vocab, answers, size, caches[0])
-    val_subset = data.val[:cfg.max_val] if cfg.max_val else data.val
+    val_subset, skipped = within_limit(data.val[:cfg.max_val] if cfg.max_val else data.val, max_len)
+    if skipped and rank == 0:
+        say(f"val: {skipped} questions longer than the model's {max_len} tokens are skipped (as evaluate does)")
     val_ds = VQADataset(val_subset, vocab, answers, size, caches[1])
     if rank == 0:
         warn_about_val(val_subset, vocab, answers, say)
