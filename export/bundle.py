@@ -13,7 +13,8 @@ from pathlib import Path
 import onnx
 import torch
 
-from qgmrn.checkpoint import CheckpointError, check_fits, load_checkpoint, model_from_checkpoint, remove_stale
+from qgmrn.checkpoint import CheckpointError, check_fits, load_checkpoint, model_from_checkpoint
+from qgmrn.files import remove_stale
 from qgmrn.preprocess import Vocab
 
 from .onnx_export import build_metadata, export_onnx, file_sha256, routing_precision_report

@@ -3,9 +3,7 @@ metrics and RNG state. Loadable with torch.load(weights_only=True); written atom
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
-import time
 import zipfile
 from pathlib import Path
 
@@ -76,21 +74,6 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def remove_stale(parent: Path, pattern: str, max_age_s: float) -> None:
-    """Leftovers of a write that was killed (a `ckpt.pt.*.tmp`, an export's `.partial` staging
-    directory): matches of `pattern` in `parent` older than `max_age_s`, so that a live write of
-    another process, always younger, is never touched."""
-    if not parent.is_dir():
-        return
-    now = time.time()
-    for p in parent.glob(pattern):
-        try:
-            if now - p.stat().st_mtime > max_age_s:
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
-        except OSError:
-            pass
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:

@@ -299,3 +299,58 @@ def test_ablate_refuses_settings_that_would_mislabel_the_papers_rows(tmp_path, c
         ablate_main(["--out", str(tmp_path / "a"), "--set", "preset=tiny"])
     assert e.value.code == 2 and "fixes these" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
+
+
+# -- two processes at once -------------------------------------------------------------------------
+def test_a_second_training_into_the_same_folder_stops_and_names_the_holder(tiny_data, tmp_path):
+    from qgmrn.settings import SettingsError
+    from qgmrn.train.resume import RunFolderLock
+    out = tmp_path / "run"
+    out.mkdir()
+    held = RunFolderLock(out)                    # a training process in that folder
+    try:
+        with pytest.raises(SettingsError, match=f"being trained by pid {os.getpid()}"):
+            train(tiny_train_config(tiny_data, out, steps=2), **quiet)
+        assert not (out / "ckpt.pt").exists() and not (out / "config.json").exists()
+    finally:
+        held.release()
+    train(tiny_train_config(tiny_data, out, steps=2), **quiet)   # free again: trains
+    assert (out / "ckpt.pt").exists() and not (out / ".training").exists()
+
+
+def test_two_processes_building_one_image_cache_both_finish(tiny_data, tmp_path):
+    import multiprocessing
+    from qgmrn.data.prepare import ImageCache
+    images = [str(p) for p in sorted((tiny_data / "images" / "train").iterdir())]
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_build_cache, args=(images, tmp_path / "cache")) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert ImageCache.find(tmp_path / "cache", "train", 16).covers(images)
+    assert not list((tmp_path / "cache").glob("*.tmp"))
+
+
+def _build_cache(images, cache_dir):
+    from qgmrn.data.prepare import prepare
+    prepare(images, cache_dir, "train", 16, workers=1)
+
+
+def test_an_absurd_cache_size_is_refused_and_leaves_nothing(tmp_path, capsys):
+    from qgmrn.data.prepare import main as prepare_main
+    assert prepare_main(["--data-root", str(tmp_path), "--size", "100000"]) == 2
+    assert "1..1024" in capsys.readouterr().err and not list(tmp_path.rglob("*.tmp"))
+
+
+def test_a_cache_that_would_not_fit_on_the_disk_is_refused_before_writing(tiny_data, tmp_path, monkeypatch):
+    import collections
+    from qgmrn.data import prepare as prep
+    from qgmrn.data.sources import DataError
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(prep.shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
+    images = [str(p) for p in sorted((tiny_data / "images" / "train").iterdir())]
+    with pytest.raises(DataError, match="GiB free"):
+        prep.prepare(images, tmp_path / "cache", "train", 64, workers=1)
+    assert not list((tmp_path / "cache").glob("*"))

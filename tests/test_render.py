@@ -4,7 +4,6 @@ not the looks (study/render_fidelity.py measures those)."""
 import importlib.util
 import json
 import math
-import os
 import random
 import signal
 import subprocess

@@ -16,6 +16,8 @@ import argparse
 import hashlib
 import json
 import os
+import secrets
+import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -23,10 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..files import remove_stale
 from ..preprocess import load_rgb, resize_uint8
 from .sources import DataError, load_clevr, load_jsonl, write_json_atomic
 
 DEFAULT_CACHE = "qgmrn-cache"
+
+
+MAX_SIZE = 1024             # pixels a side: the presets take 32-224; beyond this a cache is a mistake
 
 
 def cache_paths(cache_dir: str | os.PathLike, name: str, size: int) -> tuple[Path, Path]:
@@ -88,18 +94,29 @@ def prepare(images: list[str], cache_dir: str | os.PathLike, name: str, size: in
             workers: int | None = None) -> Path:
     """Decode and resize each distinct image once; write the cache atomically."""
     images = sorted(set(images))
+    if not 1 <= size <= MAX_SIZE:
+        raise DataError(f"image size {size} is outside 1..{MAX_SIZE} pixels")
     data_path, index_path = cache_paths(cache_dir, name, size)
     data_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = data_path.with_suffix(".u8.tmp")
-    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(images), size, size, 3))
-    block = 64
-    jobs = [(images[i:i + block], size) for i in range(0, len(images), block)]
-    with ProcessPoolExecutor(workers or os.cpu_count() or 1) as pool:
-        for k, chunk in enumerate(pool.map(_load_block, jobs)):
-            arr[k * block:k * block + len(chunk)] = chunk
-    arr.flush()
-    del arr
-    os.replace(tmp, data_path)
+    remove_stale(data_path.parent, f"{data_path.name}.*.tmp", max_age_s=24 * 3600)   # a killed build's
+    need, free = len(images) * size * size * 3, shutil.disk_usage(data_path.parent).free
+    if need > free:
+        raise DataError(f"the image cache of {len(images)} images at {size}x{size} needs {need / 2**30:.1f} GiB; "
+                        f"{data_path.parent} has {free / 2**30:.1f} GiB free")
+    # a name of its own: two trainings building the same cache at once each write their own file
+    tmp = data_path.with_name(f"{data_path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(images), size, size, 3))
+        block = 64
+        jobs = [(images[i:i + block], size) for i in range(0, len(images), block)]
+        with ProcessPoolExecutor(workers or os.cpu_count() or 1) as pool:
+            for k, chunk in enumerate(pool.map(_load_block, jobs)):
+                arr[k * block:k * block + len(chunk)] = chunk
+        arr.flush()
+        del arr
+        os.replace(tmp, data_path)
+    finally:
+        tmp.unlink(missing_ok=True)
     write_json_atomic(index_path, {"size": size, "count": len(images), "images": images,
                                    "stamps": [_stamp(p) for p in images]})
     return data_path
@@ -147,8 +164,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int)
     a = ap.parse_args(argv)
     try:
-        if a.size < 1:
-            raise DataError(f"--size must be positive, got {a.size}")
+        if not 1 <= a.size <= MAX_SIZE:
+            raise DataError(f"--size must lie in 1..{MAX_SIZE}, got {a.size}")
         if a.data_root:
             todo = [(s, load_clevr(a.data_root, s, require_answers=False),
                      a.cache_dir or default_cache_dir(a.data_root)) for s in a.splits]

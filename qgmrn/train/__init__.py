@@ -23,7 +23,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
-from ..checkpoint import CheckpointError, load_checkpoint, remove_stale, save_checkpoint
+from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ..files import remove_stale
 from ..config import get_config
 from ..data.datasets import collate
 from ..data.sources import DataError, majority_baseline
@@ -34,7 +35,8 @@ from .cli import parse_args
 from .data import resolve_data
 from .hardware import _all_sum, _dist_setup, cpu_has_amx_bf16, training_precision
 from .report import Reporter, write_atomic
-from .resume import _finished_message, absolute_paths, check_out_dir, given_fields, restore_config, trim_metrics
+from .resume import (RunFolderLock, _finished_message, absolute_paths, check_out_dir, given_fields,
+                     restore_config, trim_metrics)
 from .run import Run, build_or_restore, planned_steps
 from .schedule import lr_lambda, resolve_lr
 from .settings import TrainConfig, TrainingStopped, validate, validate_model_overrides
@@ -184,28 +186,40 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None, resume: str | N
         say(f"resumed from {resume} at step {resume_state['step']} of {total}")
     run = build_or_restore(data.cfg, data, resume_state, init_from, model_overrides, device, rank, world, say)
     say(describe(run, "from checkpoint" if init_from or resume_state is not None else run.cfg.preset))
-    ckpt_path = out / "ckpt.pt"
+    lock = None
     if main_rank:
         out.mkdir(parents=True, exist_ok=True)
-        remove_stale(out, "ckpt.pt.*.tmp", max_age_s=60)   # a killed save's temp file
-        trim_metrics(out / "metrics.jsonl", run.step if resume_state is not None else None)
-        write_atomic(out / "config.json", json.dumps({"train": dataclasses.asdict(run.cfg),
-                                                      "model": run.model.cfg.to_dict()}, indent=2))
-    baseline = majority_baseline(data.train, run.val_ds.samples) if main_rank else {}
+        lock = RunFolderLock(out)
+    try:
+        if main_rank:
+            remove_stale(out, "ckpt.pt.*.tmp", max_age_s=60)   # a killed save's temp file
+            trim_metrics(out / "metrics.jsonl", run.step if resume_state is not None else None)
+            write_atomic(out / "config.json", json.dumps({"train": dataclasses.asdict(run.cfg),
+                                                          "model": run.model.cfg.to_dict()}, indent=2))
+        baseline = majority_baseline(data.train, run.val_ds.samples) if main_rank else {}
+        result = train_run(run, out, baseline, say)
+        if on_finish is not None:
+            on_finish(run.model)
+    finally:
+        if lock is not None:
+            lock.release()
+    return result
+
+
+def train_run(run: Run, out: Path, baseline: dict, say) -> dict:
+    """The epochs, then the final checkpoint and evaluation; a signal saves and stops."""
+    ckpt_path = out / "ckpt.pt"
     save = checkpoint_writer(run, ckpt_path)
     reporter = Reporter(run, out / "metrics.jsonl", ckpt_path, say)
-    noise = torch.Generator(device=device)
+    noise = torch.Generator(device=run.device)
     run.model.router.noise_generator = noise
     try:
         with stop_on_signals() as stop:
             run_epochs(run, reporter, save, stop, noise, say)
-            result = finish(run, out, save, baseline, say)
-        if on_finish is not None:
-            on_finish(run.model)
+            return finish(run, out, save, baseline, say)
     finally:
         reporter.close()
         run.model.router.noise_generator = None
-    return result
 
 
 def run_epochs(run: Run, reporter: Reporter, save, stop: dict, noise: torch.Generator, say) -> None:

@@ -3,8 +3,10 @@ change (RESUME_MAY_CHANGE), when a folder holding a run may be reused, and what 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
+import socket
 from pathlib import Path
 
 from ..settings import SettingsError, field_types, typed
@@ -101,3 +103,30 @@ def _finished_message(state: dict, out: Path) -> str:
             f"longer, resume with more --epochs or --steps (more than {state['step']})")
 
 
+
+
+class RunFolderLock:
+    """One training process writes a run folder at a time: a second one (another --out typed the
+    same, a --resume while the run goes on) stops with one line naming the holder, before it has
+    written anything. The lock is the kernel's (flock on the folder), so a killed holder frees it."""
+    PID_FILE = ".training"
+
+    def __init__(self, out: Path):
+        self.fd = os.open(out, os.O_RDONLY)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            try:
+                holder = (out / self.PID_FILE).read_text().strip()
+            except OSError:
+                holder = "another process"
+            raise SettingsError(f"{out} is being trained by {holder}; wait for it to end, or give another "
+                                "--out") from None
+        self.pid_file = out / self.PID_FILE
+        self.pid_file.write_text(f"pid {os.getpid()} on {socket.gethostname()}\n")
+
+    def release(self) -> None:
+        self.pid_file.unlink(missing_ok=True)
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
