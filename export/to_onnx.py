@@ -8,12 +8,15 @@ DIR/parity.json: PyTorch vs each artefact on real inputs. Publishes only when pa
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+from pathlib import Path
 
 from qgmrn.checkpoint import CheckpointError
 from qgmrn.data.sources import DataError
+from qgmrn.files import Busy, FileLock, remove_stale
 
-from .bundle import ExportError, export_checkpoint, publish, write_report
+from .bundle import ExportError, default_out, export_checkpoint, publish, write_report
 
 
 def add_common_args(ap: argparse.ArgumentParser) -> None:
@@ -32,16 +35,43 @@ def run_export(a, log=print):
                              parity_n=a.parity_samples, log=log, overwrite=a.overwrite)
 
 
-def exit_code(body) -> int:
-    """Run a CLI body; bad input and failed parity become a message and an exit status."""
+class Stopped(Exception):
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def exit_code(body, out: Path) -> int:
+    """Run a CLI body that exports into `out`; bad input, failed parity, a full disk, a second
+    export into the same folder and SIGINT/SIGTERM become one message and an exit status, and no
+    staging directory is left behind."""
+    def stop(signum, _frame):
+        raise Stopped(signum)
+    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    lock = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(out.parent / f".{out.name}.export-lock", f"{out} (another export is writing it)")
         return body()
-    except (CheckpointError, DataError) as e:
+    except (CheckpointError, DataError, Busy) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.code
+    except Stopped as e:
+        print(f"error: stopped by {e}; nothing was published", file=sys.stderr)
+        return 128 + e.signum
+    except OSError as e:                          # a full disk, a read-only folder, ...
+        print(f"error: cannot write the export: {e.strerror or e}: {e.filename or out}; nothing was published",
+              file=sys.stderr)
+        return 1
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        if lock is not None:                      # what this export staged and did not publish
+            remove_stale(out.parent, f".{out.name}.*.partial", max_age_s=-1)
+            lock.release()
 
 
 def main(argv=None) -> int:
@@ -56,7 +86,7 @@ def main(argv=None) -> int:
         publish(staged.stage, staged.out)
         print(f"wrote {staged.out} (parity.json: all artefacts within tolerance)")
         return 0
-    return exit_code(body)
+    return exit_code(body, Path(a.out) if a.out else default_out(a.checkpoint))
 
 
 if __name__ == "__main__":

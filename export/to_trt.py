@@ -15,7 +15,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .bundle import ONNX_FP16_NAME, ExportError, _line, keep_failed, publish, write_report
+from .bundle import ONNX_FP16_NAME, ExportError, _line, default_out, keep_failed, publish, write_report
 from .onnx_export import build_metadata, export_onnx
 from .parity import TOLERANCES, compare, run_backend
 from .to_onnx import add_common_args, exit_code, run_export
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
         publish(staged.stage, staged.out)
         print(f"wrote {staged.out}: ONNX and TensorRT engines, parity within tolerance")
         return 0
-    return exit_code(body)
+    return exit_code(body, Path(a.out) if a.out else default_out(a.checkpoint))
 
 
 def engine_parity(engine: Path, staged, max_batch: int, tolerance) -> dict:

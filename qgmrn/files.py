@@ -1,7 +1,10 @@
 """Small file helpers shared by training, data preparation and export (no torch here)."""
 from __future__ import annotations
 
+import fcntl
+import os
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -19,3 +22,37 @@ def remove_stale(parent: Path, pattern: str, max_age_s: float) -> None:
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
         except OSError:
             pass
+
+
+class Busy(RuntimeError):
+    """Another process holds the lock; the message names it."""
+
+
+class FileLock:
+    """An exclusive, non-blocking lock on `path` (flock: the kernel frees it when its holder dies),
+    holding the holder's pid and host for whoever finds it taken. The file goes when released."""
+
+    def __init__(self, path: Path, what: str):
+        self.path = Path(path)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise Busy(f"{what} is in use by {holder}") from None
+            try:        # the holder before us may have removed the file after we opened it: retry
+                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)

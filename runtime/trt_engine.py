@@ -55,7 +55,13 @@ class TrtRunner:
         if not info_path.exists():
             raise EngineMismatch(f"{engine_path} has no {info_path.name} describing where it was built; "
                                  "rebuild it with python -m export.to_trt")
-        info = json.loads(info_path.read_text())
+        try:
+            info = json.loads(info_path.read_text())
+            if not isinstance(info, dict) or not isinstance(info.get("metadata"), dict):
+                raise ValueError("not an engine description")
+        except (OSError, ValueError) as e:      # JSONDecodeError is a ValueError
+            raise EngineMismatch(f"{info_path} is unreadable ({e}); rebuild the engine with "
+                                 "python -m export.to_trt, or load the bundle's model.onnx") from e
         import tensorrt as trt
         here = {"tensorrt_version": trt.__version__, **describe_gpu()}
         for key in ("tensorrt_version", "gpu_name", "compute_capability"):

@@ -354,3 +354,58 @@ def test_a_cache_that_would_not_fit_on_the_disk_is_refused_before_writing(tiny_d
     with pytest.raises(DataError, match="GiB free"):
         prep.prepare(images, tmp_path / "cache", "train", 64, workers=1)
     assert not list((tmp_path / "cache").glob("*"))
+
+
+def test_a_bundle_with_a_corrupt_engine_description_falls_back_to_onnx(bundle, tmp_path, caplog):
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    (copy / "model.engine").write_bytes(b"not an engine")
+    (copy / "model.engine.json").write_text("{broken")
+    model = runtime.load(copy)                               # auto: the next backend answers
+    assert "onnxruntime" in model.backend and model.answers
+    with pytest.raises(runtime.ModelError, match=r"model.engine.json is unreadable"):
+        runtime.load(copy / "model.engine", backend="tensorrt")
+
+
+def test_an_export_stopped_by_sigterm_leaves_no_staging_and_says_so(tiny_checkpoint, tiny_data, tmp_path, capsys,
+                                                                    monkeypatch):
+    import signal as signal_
+    from export import bundle as bundle_mod
+    real = bundle_mod.run_torch
+
+    def killed_midway(*a, **k):                  # SIGTERM arrives while parity runs
+        os.kill(os.getpid(), signal_.SIGTERM)
+        return real(*a, **k)
+    monkeypatch.setattr(bundle_mod, "run_torch", killed_midway)
+    out = tmp_path / "b"
+    code = to_onnx_main([str(tiny_checkpoint), "--out", str(out), "--data-root", str(tiny_data),
+                         "--parity-samples", "8"])
+    assert code == 128 + signal_.SIGTERM and "nothing was published" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob(".b.*"))
+
+
+def test_a_second_export_into_the_same_folder_is_refused_while_the_first_runs(tiny_checkpoint, tmp_path, capsys):
+    from qgmrn.files import FileLock
+    out = tmp_path / "b"
+    held = FileLock(tmp_path / ".b.export-lock", "first")     # the first export, still running
+    try:
+        assert to_onnx_main([str(tiny_checkpoint), "--out", str(out), "--parity-samples", "8"]) == 2
+        assert f"in use by pid {os.getpid()}" in capsys.readouterr().err and not out.exists()
+    finally:
+        held.release()
+    assert not (tmp_path / ".b.export-lock").exists()
+
+
+def test_an_export_onto_a_full_disk_is_one_line_and_publishes_nothing(tiny_checkpoint, tiny_data, tmp_path, capsys,
+                                                                      monkeypatch):
+    import errno
+    from export import bundle as bundle_mod
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "b"))
+    monkeypatch.setattr(bundle_mod, "export_onnx", full)
+    code = to_onnx_main([str(tiny_checkpoint), "--out", str(tmp_path / "b"), "--data-root", str(tiny_data),
+                         "--parity-samples", "8"])
+    err = capsys.readouterr().err
+    assert code == 1 and "No space left on device" in err and err.count("\n") == 1
+    assert not (tmp_path / "b").exists() and not list(tmp_path.glob(".b.*"))
