@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ModelError
-from .metadata import METADATA_KEY, check_metadata_against_shapes, parse_metadata
+from .metadata import METADATA_KEY, check_metadata_against_shapes, check_weights_finite, parse_metadata
 
 log = logging.getLogger("runtime")
 OUTPUTS = ("logits", "gates", "route_logits")
@@ -44,6 +44,7 @@ class OnnxRuntimeRunner:
         missing = set(OUTPUTS) - set(shapes)
         if missing:
             raise ModelError(f"{path} is not a QGMRN export: it has no output {sorted(missing)}")
+        check_weights_finite(path)
         inputs = {i.name: i.shape for i in self.session.get_inputs()}
         check_metadata_against_shapes(self.metadata, shapes["logits"], shapes["gates"], path, inputs.get("image"))
 

@@ -3,6 +3,9 @@ every backend runs on it at load: one module that the backends import, none of t
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+import numpy as np
 
 from .errors import ModelError
 
@@ -74,3 +77,24 @@ def check_metadata_against_shapes(meta: dict, logits_shape, gates_shape, path, i
     if (isinstance(layers, int) and layers != len(sizes)) or (isinstance(modules, int) and modules != max(sizes)):
         raise ModelError(f"{path}: the graph routes {layers} x {modules} modules but its metadata's "
                          f"layer_sizes {sizes} say {len(sizes)} x {max(sizes)}")
+
+
+def check_weights_finite(path: Path) -> None:
+    """A NaN or infinite weight that no ordinary input reaches (an unknown word's embedding row)
+    would answer wrongly one day: refuse the graph at load. Needs the onnx package (installed with
+    the train extra); a base install relies on the bundle's sha256 and parity.json instead."""
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError:
+        return
+    try:
+        graph = onnx.load(str(path)).graph
+    except Exception:          # unreadable here: onnxruntime already loaded it, leave it at that
+        return
+    bad = [t.name for t in graph.initializer
+           if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+           and not np.isfinite(numpy_helper.to_array(t)).all()]
+    if bad:
+        raise ModelError(f"{path} has non-finite weights ({', '.join(bad[:3])}): it would answer wrongly; "
+                         "re-export a good checkpoint")

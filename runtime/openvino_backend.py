@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .metadata import METADATA_KEY, check_metadata_against_shapes, parse_metadata
+from .metadata import METADATA_KEY, check_metadata_against_shapes, check_weights_finite, parse_metadata
 from .errors import ModelError
 
 OUTPUTS = ("logits", "gates", "route_logits")
@@ -105,6 +105,7 @@ class OpenVINORunner:
         except Exception as e:  # OpenVINO raises RuntimeError subclasses of its own
             raise ModelError(f"{path}: OpenVINO cannot compile this model: {e}") from e
         self.metadata = parse_metadata(raw, path)
+        check_weights_finite(Path(path))
         dims = lambda port: [d.get_length() if d.is_static else None for d in port.get_partial_shape()]  # noqa: E731
         check_metadata_against_shapes(self.metadata, dims(self._v.outputs[0]), dims(self._q.outputs[-2]), path,
                                       dims(self._v.inputs[0]))

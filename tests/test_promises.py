@@ -409,3 +409,17 @@ def test_an_export_onto_a_full_disk_is_one_line_and_publishes_nothing(tiny_check
     err = capsys.readouterr().err
     assert code == 1 and "No space left on device" in err and err.count("\n") == 1
     assert not (tmp_path / "b").exists() and not list(tmp_path.glob(".b.*"))
+
+
+def test_a_graph_with_a_non_finite_weight_is_refused_at_load(bundle, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+    m = onnx.load(str(bundle / "model.onnx"))
+    init = next(t for t in m.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2)
+    arr = numpy_helper.to_array(init).copy()
+    arr[1, 0] = np.nan
+    init.CopyFrom(numpy_helper.from_array(arr, init.name))
+    onnx.save(m, str(tmp_path / "nan.onnx"))
+    for backend in ("cpu", "openvino") if importlib.util.find_spec("openvino") else ("cpu",):
+        with pytest.raises(runtime.ModelError, match="non-finite weights"):
+            runtime.load(tmp_path / "nan.onnx", backend=backend)
