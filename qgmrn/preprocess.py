@@ -146,6 +146,8 @@ def _decode(source, what: str) -> Image.Image:
             rgb = _to_rgb(ImageOps.exif_transpose(im), what)
     except Image.DecompressionBombError as e:
         raise ImageError(f"cannot decode {what}: it is too large ({e})") from e
+    except UnidentifiedImageError as e:
+        raise ImageError(f"cannot decode {what}: not an image format Pillow reads") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         if isinstance(e, ImageError):
             raise
