@@ -12,6 +12,7 @@ with PyTorch outside the near-threshold band, as for the fp16 ONNX graph.
 """
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -112,11 +113,21 @@ class OpenVINORunner:
         self.precision = visual_precision
         self.name = f"OpenVINO {ov.__version__} (CPU, routing f32, visual {visual_precision})"
         self._q_out = list(self._q.outputs)
+        self._local = threading.local()
         if len(self._v.inputs) != 1 + self.n_crossing or len(self._q_out) != 2 + self.n_crossing:
             raise ModelError(f"{path}: unexpected inputs after splitting the graph for OpenVINO")
 
+    def _requests(self):
+        """This thread's infer requests. A compiled model's __call__ shares one request among all
+        callers: under threads that raised "Infer Request is busy" and mixed answers up."""
+        reqs = getattr(self._local, "requests", None)
+        if reqs is None:
+            reqs = self._local.requests = (self._q.create_infer_request(), self._v.create_infer_request())
+        return reqs
+
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        q = self._q({"tokens": feeds["tokens"], "lengths": feeds["lengths"]})
+        q_req, v_req = self._requests()
+        q = q_req.infer({"tokens": feeds["tokens"], "lengths": feeds["lengths"]})
         out, crossing = {}, []
         for k, port in enumerate(self._q_out):
             value = q[port]
@@ -124,6 +135,7 @@ class OpenVINORunner:
                 crossing.append(value)
             else:
                 out[("gates", "route_logits")[k - self.n_crossing]] = value
-        v = self._v({i: x for i, x in enumerate([feeds["image"]] + crossing)})     # by position
+        v = v_req.infer({i: x for i, x in enumerate([feeds["image"]] + crossing)})     # by position
         out["logits"] = v[self._v.outputs[0]]
-        return {k: np.asarray(out[k], dtype=np.float32) for k in OUTPUTS}
+        # copies: the request's own buffers are overwritten by this thread's next call
+        return {k: np.array(out[k], dtype=np.float32) for k in OUTPUTS}

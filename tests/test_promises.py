@@ -423,3 +423,26 @@ def test_a_graph_with_a_non_finite_weight_is_refused_at_load(bundle, tmp_path):
     for backend in ("cpu", "openvino") if importlib.util.find_spec("openvino") else ("cpu",):
         with pytest.raises(runtime.ModelError, match="non-finite weights"):
             runtime.load(tmp_path / "nan.onnx", backend=backend)
+
+
+# -- concurrency ---------------------------------------------------------------------------------
+BACKENDS = ["cpu"] + (["openvino"] if importlib.util.find_spec("openvino") else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_concurrent_calls_answer_as_serial_calls_on_every_backend(backend, real_sample):
+    from concurrent.futures import ThreadPoolExecutor
+    model = runtime.load("builtin", backend=backend)
+    images = sorted((real_sample / "images" / "val").glob("*.png"))[:4]
+    questions = ["How many cubes are there?", "What color is the large sphere?", "Is there a metal cylinder?"]
+    inputs = [(str(i), q) for i in images for q in questions]
+    serial = [model.predict(i, q) for i, q in inputs]
+
+    def worker(offset):
+        return [(k, model.predict(*inputs[k])) for k in ((offset + j) % len(inputs) for j in range(25))]
+    with ThreadPoolExecutor(4) as pool:
+        results = [r for rs in pool.map(worker, range(4)) for r in rs]
+    assert len(results) == 100
+    for k, pred in results:
+        assert pred.answer == serial[k].answer and pred.gates == serial[k].gates
+        assert pred.probability == pytest.approx(serial[k].probability, abs=1e-5)
