@@ -204,9 +204,8 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def count_macs(model: QGMRN, question_length: int = 12) -> int:
-    """Multiply-accumulates of one eval forward pass with every module executed (an upper bound:
-    a closed gate saves its work only on hardware and kernels that skip it)."""
+def conv_linear_macs(model: nn.Module, run) -> int:
+    """Multiply-accumulates of the convolutions and linear layers during `run()` (one sample)."""
     macs = 0
 
     def conv_hook(m, inp, out):
@@ -223,16 +222,24 @@ def count_macs(model: QGMRN, question_length: int = 12) -> int:
             hooks.append(m.register_forward_hook(conv_hook))
         elif isinstance(m, nn.Linear):
             hooks.append(m.register_forward_hook(linear_hook))
-    cfg = model.cfg
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            model(torch.zeros(1, 3, cfg.image_size, cfg.image_size),
-                  torch.ones(1, question_length, dtype=torch.long), torch.tensor([question_length]))
+            run()
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
+    return macs
+
+
+def count_macs(model: QGMRN, question_length: int = 12) -> int:
+    """Multiply-accumulates of one eval forward pass with every module executed (an upper bound:
+    a closed gate saves its work only on hardware and kernels that skip it)."""
+    cfg = model.cfg
+    macs = conv_linear_macs(model, lambda: model(torch.zeros(1, 3, cfg.image_size, cfg.image_size),
+                                                 torch.ones(1, question_length, dtype=torch.long),
+                                                 torch.tensor([question_length])))
     gru = 3 * (cfg.embed_dim + cfg.hidden_dim) * cfg.hidden_dim * question_length
     return macs + gru

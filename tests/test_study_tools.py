@@ -86,3 +86,14 @@ def test_a_foreign_file_or_a_change_that_moves_weights_is_one_error_line(tiny_ch
         assert _module("grow_checkpoint").main(args) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error:") and not (tmp_path / "out.pt").exists()
+
+
+def test_film_peer_is_sized_like_qgmrn_small_and_trains_in_the_trainers_format(tiny_data, tmp_path):
+    film = _module("film")
+    from qgmrn.model import count_macs, create_model
+    peer = count_macs(create_model("small", vocab_size=80, num_answers=28))
+    assert abs(film.film_macs(film.FiLM(80, 28)) - peer) / peer < 0.1          # the same budget per answer
+    assert film.main(["--data-root", str(tiny_data), "--out", str(tmp_path / "f"), "--steps", "4",
+                      "--batch-size", "8", "--eval-every", "2", "--image-size", "32"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "f" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4] and all(0 <= r["overall"] <= 1 and r["per_type"] for r in rows)
