@@ -50,8 +50,11 @@ def exit_code(body, out: Path) -> int:
     old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     lock = None
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(out.parent / f".{out.name}.export-lock", f"{out} (another export is writing it)")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(out.parent / f".{out.name}.export-lock", f"{out} (another export is writing it)")
+        except OSError as e:                      # --out under a file, a read-only folder: a usage error
+            raise ExportError(f"cannot write to {out.parent}: {e.strerror or e}", 2) from e
         return body()
     except (CheckpointError, DataError, Busy) as e:
         print(f"error: {e}", file=sys.stderr)

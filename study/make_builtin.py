@@ -119,6 +119,10 @@ def main(argv=None) -> int:
     real_all = load_clevr(REAL_SAMPLE, "train") + load_clevr(REAL_SAMPLE, "val")
     dataset = VQADataset(real_all, Vocab(list(state["vocab"])), list(state["answers"]), model.cfg.image_size)
     card["real_clevr_all"] = {**public(evaluate_model(model, dataset, 256, "cpu")), "data": REAL_SAMPLE.name}
+    majority = majority_baseline(train_s, real_all)["per_type_majority"]
+    counts = {t: sum(s.qtype == t for s in real_all) for t in majority}
+    card["baselines"]["majority_real_sample"] = {      # each type's most common training answer
+        "per_type_majority": majority, "overall": sum(majority[t] * counts[t] for t in majority) / len(real_all)}
     print(f"real_clevr_all: {card['real_clevr_all']['overall']:.3f} on {card['real_clevr_all']['n']} questions")
     card["data"] = data_description(val_root)
     with tempfile.TemporaryDirectory() as tmp:
@@ -173,6 +177,10 @@ def card_markdown(card: dict) -> str:
                      + " | ".join(f"{100 * m['per_type_majority'].get(t, 0):.1f}" for t in types) + " |")
         lines.append("| question only (generated val) | - | " + f"{100 * q['overall']:.1f} | "
                      + " | ".join(f"{100 * q['per_type'].get(t, 0):.1f}" for t in types) + " |")
+        mr = b.get("majority_real_sample")
+        if mr:
+            lines.append("| majority answer per type (real sample, both splits) | - | " + f"{100 * mr['overall']:.1f} | "
+                         + " | ".join(f"{100 * mr['per_type_majority'].get(t, 0):.1f}" for t in types) + " |")
     subs = list(g["per_subtype"])
     lines += ["", "| subtype | " + " | ".join(subs) + " |", "|---|" + "---|" * len(subs),
               "| generated val | " + " | ".join(f"{100 * g['per_subtype'][s]:.1f}" for s in subs) + " |"]
