@@ -56,6 +56,16 @@ def bundle_files(directory: Path) -> list[Path]:
         or p.name.endswith((".engine.json", ".plan.json")) and p.name.startswith("model")))
 
 
+STAGES: set[Path] = set()      # staging folders this process made (what a signal must clean up)
+
+
+def remove_own_stages() -> None:
+    """Remove this process's staging folders that were neither published nor kept as .failed."""
+    for stage in list(STAGES):
+        shutil.rmtree(stage, ignore_errors=True)
+        STAGES.discard(stage)
+
+
 def staging_dir(out: Path, overwrite: bool = False) -> Path:
     """A fresh directory beside `out` (same filesystem, so publishing is a rename per file)."""
     if out.exists() and not out.is_dir():
@@ -69,6 +79,7 @@ def staging_dir(out: Path, overwrite: bool = False) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
         os.chmod(stage, 0o755)                         # mkdtemp makes it private
+        STAGES.add(stage)
         return stage
     except OSError as e:
         raise ExportError(f"cannot write to {out.parent}: {e.strerror or e}", 2) from e
@@ -183,7 +194,7 @@ def openvino_parity(onnx_path: Path, batches, reference, layer_sizes) -> dict | 
     except ImportError:
         return None
     from runtime.openvino_backend import OpenVINORunner
-    runner = OpenVINORunner(onnx_path)
+    runner = OpenVINORunner(onnx_path, check_weights=False)
     result = compare(reference, run_backend(runner, batches), layer_sizes, TOLERANCES["fp16"])
     result.update(name=f"openvino-{runner.precision}", file=onnx_path.name, backend=runner.name)
     return result

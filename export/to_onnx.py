@@ -14,9 +14,9 @@ from pathlib import Path
 
 from qgmrn.checkpoint import CheckpointError
 from qgmrn.data.sources import DataError
-from qgmrn.files import Busy, FileLock, remove_stale
+from qgmrn.files import Busy, FileLock
 
-from .bundle import ExportError, default_out, export_checkpoint, publish, write_report
+from .bundle import ExportError, default_out, export_checkpoint, publish, remove_own_stages, write_report
 
 
 def add_common_args(ap: argparse.ArgumentParser) -> None:
@@ -72,8 +72,8 @@ def exit_code(body, out: Path) -> int:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-        if lock is not None:                      # what this export staged and did not publish
-            remove_stale(out.parent, f".{out.name}.*.partial", max_age_s=-1)
+        remove_own_stages()                       # what this export staged and did not publish
+        if lock is not None:
             lock.release()
 
 

@@ -89,7 +89,7 @@ def _generate(out, *extra):
 @needs_bpy
 @pytest.mark.slow
 def test_rendered_dataset_has_clevrs_layout_and_survives_sigterm(tmp_path):
-    args = ("--images", "10", "--val-images", "2")
+    args = ("--images", "20", "--val-images", "2")
     whole = _generate(tmp_path / "whole", *args)
     assert whole.wait(120) == 0, whole.stderr.read()
 
@@ -103,17 +103,17 @@ def test_rendered_dataset_has_clevrs_layout_and_survives_sigterm(tmp_path):
     err = stopped.stderr.read().strip().splitlines()
     assert len(err) == 1 and "rerun the same command" in err[0], err
     kept = len(list(records.glob("*.json")))
-    assert 1 <= kept < 10 and not list((tmp_path / "stopped").rglob("*.tmp"))
+    assert 1 <= kept < 20 and not list((tmp_path / "stopped").rglob("*.tmp"))
 
     resumed = _generate(tmp_path / "stopped", *args)
     assert resumed.wait(120) == 0, resumed.stderr.read()
-    assert f"rendering {12 - kept} images" in resumed.stdout.read()
+    assert f"rendering {22 - kept} images" in resumed.stdout.read()
     assert _files(tmp_path / "stopped") == _files(tmp_path / "whole")   # byte for byte
 
     root = tmp_path / "whole"
     scenes = json.loads((root / "scenes" / "CLEVR_train_scenes.json").read_text())["scenes"]
     questions = json.loads((root / "questions" / "CLEVR_train_questions.json").read_text())["questions"]
-    assert len(scenes) == 10 and len(questions) == 30
+    assert len(scenes) == 20 and len(questions) == 60
     for scene in scenes:
         image = Image.open(root / "images" / "train" / scene["image_filename"])
         assert image.size == (64, 43) and image.mode == "RGB"
