@@ -116,8 +116,8 @@ def test_rendered_dataset_has_clevrs_layout_and_survives_sigterm(tmp_path):
             continue
         a = np.asarray(Image.open(tmp_path / "whole" / name), dtype=int)
         b = np.asarray(Image.open(tmp_path / "stopped" / name), dtype=int)
-        # pixel for pixel in every run here but one (a full suite on a loaded box): one level on a
-        # few pixels is tolerated, never a different scene
+        # pixel for pixel in every run here but one (a full suite on a loaded box, file not recorded):
+        # one level on a few pixels is tolerated, never a different scene
         assert np.abs(a - b).max() <= 1 and (a != b).mean() <= 0.001, name
 
     root = tmp_path / "whole"
