@@ -17,6 +17,7 @@ runtime.answer calls. Bad requests get a 4xx with one message and never reach a 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import binascii
 import json
@@ -118,7 +119,8 @@ class AnswerServer:
                 return JSONResponse(self.card())
             if path == "/answer" and method == "POST":
                 image, question, top_k = await read_request(request)
-                pixels = self.check(image, question)
+                # decoding off the event loop: Pillow releases the GIL, so requests decode in parallel
+                pixels = await asyncio.to_thread(self.check, image, question)
                 result = await self.answer_batch((pixels, question, top_k))
                 return JSONResponse(result)
             raise BadRequest(404 if path not in ("/healthz", "/model", "/answer") else 405,
@@ -145,8 +147,8 @@ class AnswerServer:
 
     async def answer_batch(self, items: list) -> list[dict]:
         top = max(k for _, _, k in items)
-        preds = self.model.predict_batch([p for p, _, _ in items], [q for _, q, _ in items], top_k=top,
-                                         batch_size=len(items))
+        preds = await asyncio.to_thread(self.model.predict_batch, [p for p, _, _ in items],
+                                        [q for _, q, _ in items], top_k=top, batch_size=len(items))
         out = []
         for pred, (_, _, k) in zip(preds, items):
             d = pred.to_dict()
