@@ -14,7 +14,7 @@ from pathlib import Path
 
 from qgmrn.checkpoint import CheckpointError
 from qgmrn.data.sources import DataError
-from qgmrn.files import Busy, FileLock
+from qgmrn.files import Busy, FileLock, os_error_line
 
 from .bundle import ExportError, default_out, export_checkpoint, publish, remove_own_stages, write_report
 
@@ -66,7 +66,7 @@ def exit_code(body, out: Path) -> int:
         print(f"error: stopped by {e}; nothing was published", file=sys.stderr)
         return 128 + e.signum
     except OSError as e:                          # a full disk, a read-only folder, ...
-        print(f"error: cannot write the export: {e.strerror or e}: {e.filename or out}; nothing was published",
+        print(f"error: cannot write the export: {os_error_line(e, out)}; nothing was published",
               file=sys.stderr)
         return 1
     finally:

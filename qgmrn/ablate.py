@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from .data.sources import DataError
+from .files import os_error_line
 from .settings import SettingsError
 from .train import TrainConfig, TrainingStopped, train
 
@@ -117,7 +118,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:                          # an --out that is a file, read-only, full, ...
-        print(f"error: {e.strerror or e}: {e.filename or a.out}", file=sys.stderr)
+        print(f"error: {os_error_line(e, a.out)}", file=sys.stderr)
         return 2
     text = table(rows)
     (out / "table.md").write_text(text + "\n")

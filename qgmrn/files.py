@@ -24,6 +24,11 @@ def remove_stale(parent: Path, pattern: str, max_age_s: float) -> None:
             pass
 
 
+def os_error_line(e: OSError, where) -> str:
+    """An OSError as the one line a user reads: what went wrong and the path it concerns."""
+    return f"{e.strerror or e}: {e.filename or where}"
+
+
 class Busy(RuntimeError):
     """Another process holds the lock; the message names it."""
 

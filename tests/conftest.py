@@ -77,3 +77,27 @@ def save_random_checkpoint(path, preset, real_sample=None, spread_routing=True, 
     save_checkpoint(path, model=model, vocab=vocab.tokens, answers=answers,
                     max_question_len=max(len(tokenize(q)) for q in questions) + 5)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_checkpoint, tiny_data, tmp_path_factory) -> Path:
+    """A published export of the tiny checkpoint (model.onnx, parity.json), shared read-only:
+    tests that alter it work on a copy."""
+    from export.to_onnx import main as to_onnx_main
+    out = tmp_path_factory.mktemp("tiny-export") / "bundle"
+    assert to_onnx_main([str(tiny_checkpoint), "--out", str(out), "--data-root", str(tiny_data),
+                         "--parity-samples", "16"]) == 0
+    return out
+
+
+def with_metadata(src, dst, change):
+    """A copy of the ONNX file `src` at `dst` whose QGMRN metadata went through change(meta)."""
+    import json
+    import onnx
+    m = onnx.load(str(src))
+    prop = next(p for p in m.metadata_props if p.key == "qgmrn")
+    meta = json.loads(prop.value)
+    change(meta)
+    prop.value = json.dumps(meta)
+    onnx.save(m, str(dst))
+    return dst

@@ -6,17 +6,13 @@ import numpy as np
 import pytest
 
 import runtime
-from export.to_onnx import main as to_onnx_main
 from qgmrn.data.sources import load_clevr
 from runtime import backends
 
 
 @pytest.fixture(scope="module")
-def bundle(tiny_checkpoint, tiny_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("backends") / "bundle"
-    assert to_onnx_main([str(tiny_checkpoint), "--out", str(out), "--data-root", str(tiny_data),
-                         "--parity-samples", "16"]) == 0
-    return out
+def bundle(tiny_bundle):
+    return tiny_bundle
 
 
 def _feeds(model, samples):

@@ -14,7 +14,7 @@ from PIL import Image
 
 import qgmrn.train as train_mod
 import runtime
-from conftest import tiny_train_config
+from conftest import tiny_train_config, with_metadata
 from export.to_onnx import main as to_onnx_main
 from qgmrn.data.generate import main as generate_main
 from qgmrn.preprocess import MAX_PIXELS, ImageError, load_rgb
@@ -168,22 +168,8 @@ def test_top_k_must_be_a_positive_integer(top_k, real_sample):
 
 # -- exports and bundles --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def bundle(tiny_checkpoint, tiny_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("promises") / "bundle"
-    assert to_onnx_main([str(tiny_checkpoint), "--out", str(out), "--data-root", str(tiny_data),
-                         "--parity-samples", "8"]) == 0
-    return out
-
-
-def _with_metadata(src, dst, change):
-    import onnx
-    m = onnx.load(str(src))
-    prop = next(p for p in m.metadata_props if p.key == "qgmrn")
-    meta = json.loads(prop.value)
-    change(meta)
-    prop.value = json.dumps(meta)
-    onnx.save(m, str(dst))
-    return dst
+def bundle(tiny_bundle):
+    return tiny_bundle
 
 
 @pytest.mark.parametrize("change, message", [
@@ -195,7 +181,7 @@ def _with_metadata(src, dst, change):
     (lambda m: m.update(image_size=[64]), "not a positive integer"),
 ])
 def test_metadata_that_does_not_fit_the_graph_is_refused_at_load(bundle, tmp_path, change, message):
-    bad = _with_metadata(bundle / "model.onnx", tmp_path / "bad.onnx", change)
+    bad = with_metadata(bundle / "model.onnx", tmp_path / "bad.onnx", change)
     for backend in ("cpu", "openvino") if importlib.util.find_spec("openvino") else ("cpu",):
         with pytest.raises(runtime.ModelError, match=message):
             runtime.load(bad, backend=backend)
@@ -205,7 +191,7 @@ def test_a_graph_fixed_at_another_image_size_is_refused_even_if_its_config_agree
     def change(m):
         m["image_size"] *= 2
         m["model_config"]["image_size"] *= 2
-    bad = _with_metadata(bundle / "model.onnx", tmp_path / "bad.onnx", change)
+    bad = with_metadata(bundle / "model.onnx", tmp_path / "bad.onnx", change)
     with pytest.raises(runtime.ModelError, match="takes"):
         runtime.load(bad, backend="cpu")
 

@@ -7,14 +7,13 @@ import subprocess
 import sys
 
 import numpy as np
-import onnx
 import pytest
 import torch
 from PIL import Image
 
 import runtime
 import qgmrn.train as train_mod
-from conftest import REPO, save_random_checkpoint, tiny_train_config
+from conftest import REPO, save_random_checkpoint, tiny_train_config, with_metadata
 from export.to_onnx import main as to_onnx_main
 from qgmrn.checkpoint import load_checkpoint
 from qgmrn.data.prepare import ImageCache, default_cache_dir, open_cache
@@ -94,21 +93,8 @@ def test_parity_samples_zero_is_a_usage_error(tmp_path, capsys):
 
 # -- runtime -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def onnx_file(tiny_checkpoint, tiny_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("trust") / "bundle"
-    assert to_onnx_main([str(tiny_checkpoint), "--out", str(out), "--data-root", str(tiny_data),
-                         "--parity-samples", "8"]) == 0
-    return out / "model.onnx"
-
-
-def _with_metadata(src, dst, change):
-    m = onnx.load(str(src))
-    prop = next(p for p in m.metadata_props if p.key == "qgmrn")
-    meta = json.loads(prop.value)
-    change(meta)
-    prop.value = json.dumps(meta)
-    onnx.save(m, str(dst))
-    return dst
+def onnx_file(tiny_bundle):
+    return tiny_bundle / "model.onnx"
 
 
 @pytest.mark.parametrize("change, message", [
@@ -118,7 +104,7 @@ def _with_metadata(src, dst, change):
     (lambda m: m.update(vocab=["a", "b"]), "vocabulary"),
 ])
 def test_metadata_that_disagrees_with_the_graph_is_refused_at_load(onnx_file, tmp_path, change, message):
-    bad = _with_metadata(onnx_file, tmp_path / "bad.onnx", change)
+    bad = with_metadata(onnx_file, tmp_path / "bad.onnx", change)
     with pytest.raises(runtime.ModelError, match=message):
         runtime.load(bad)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -334,8 +335,7 @@ class BlenderRenderer:
         s.view_settings.view_transform = "Raw"
         view.material_override = self._flat
         self.ground.visible_camera = False
-        tmp = Path(f"{os.getpid()}.visibility.png")
-        tmp = Path(os.environ.get("TMPDIR", "/tmp")) / tmp
+        tmp = Path(tempfile.gettempdir()) / f"{os.getpid()}.visibility.png"
         try:
             self._render_to(str(tmp), 0)
             red = np.asarray(Image.open(tmp).convert("RGB"))[..., 0].astype(np.int32)

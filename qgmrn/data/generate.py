@@ -20,9 +20,10 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from ..files import os_error_line
 from .questions import FAMILIES, AnswerBalancer, make_questions
 from .render import render, sample_scene
-from .sources import write_json_atomic
+from .sources import write_split
 
 CHUNK = 50            # images per work unit; each unit has its own seeded RNG and balancer
 
@@ -65,8 +66,6 @@ def generate(out: str | os.PathLike, images: int, val_images: int, questions: in
     with ProcessPoolExecutor(workers) as pool:
         for split, n in (("train", images), ("val", val_images)):
             (out / "images" / split).mkdir(parents=True, exist_ok=True)
-            (out / "scenes").mkdir(parents=True, exist_ok=True)
-            (out / "questions").mkdir(parents=True, exist_ok=True)
             jobs = [(str(out), split, c, n, questions, seed, tuple(objects)) for c in range((n + CHUNK - 1) // CHUNK)]
             scenes, qs = [], []
             for s, q in pool.map(_make_chunk, jobs):
@@ -74,10 +73,7 @@ def generate(out: str | os.PathLike, images: int, val_images: int, questions: in
                 qs += q
             for i, q in enumerate(qs):
                 q["question_index"] = i
-            write_json_atomic(out / "scenes" / f"CLEVR_{split}_scenes.json",
-                              {"info": {**info, "split": split}, "scenes": scenes})
-            write_json_atomic(out / "questions" / f"CLEVR_{split}_questions.json",
-                        {"info": {**info, "split": split}, "questions": qs})
+            write_split(out, split, info, scenes, qs)
             stats[split] = (len(scenes), len(qs))
             log(f"{split}: {len(scenes)} images, {len(qs)} questions")
     stats["seconds"] = time.perf_counter() - start
@@ -118,7 +114,7 @@ def main(argv=None) -> int:
         try:
             stats = generate(a.out, a.images, val, a.questions, a.seed, a.workers, objects=tuple(a.objects))
         except OSError as e:                      # --out is a file, read-only, full, ...
-            print(f"error: cannot write the dataset: {e.strerror or e}: {e.filename or a.out}", file=sys.stderr)
+            print(f"error: cannot write the dataset: {os_error_line(e, a.out)}", file=sys.stderr)
             return 1
     else:
         size, samples = tuple(a.size or (240, 160)), a.samples or 32
@@ -142,8 +138,11 @@ def _generate_blender(a, val: int, size, samples):
     except Interrupted as e:
         print(f"error: {e}; every finished image is kept: rerun the same command to continue", file=sys.stderr)
         return 128 + e.signum
-    except (SettingsMismatch, RuntimeError, OSError) as e:
+    except (SettingsMismatch, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return None
+    except OSError as e:                          # --out is a file, read-only, full, ...
+        print(f"error: cannot write the dataset: {os_error_line(e, a.out)}", file=sys.stderr)
         return None
 
 

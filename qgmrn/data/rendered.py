@@ -24,7 +24,7 @@ from pathlib import Path
 
 from . import clevr_world as world
 from .questions import FAMILIES, AnswerBalancer, make_questions
-from .sources import write_json_atomic
+from .sources import write_json_atomic, write_split
 
 CHUNK = 50            # images whose questions share one seeded RNG and answer balancer
 SETTINGS = ("renderer", "size", "samples", "seed", "objects", "questions")
@@ -110,16 +110,18 @@ def _render_one(job) -> int:
     record = world.scene_record(layout, index, split, width, height)
     seed = int.from_bytes(hashlib.sha256(f"{settings['seed']}/{split}/{index}".encode()).digest()[:4], "little") >> 1
     renderer.render(layout, out / "images" / split / record["image_filename"], seed=seed)
-    write_json_atomic(out / ".render" / split / f"{index:06d}.json", record)
+    write_json_atomic(_record(out, split, index), record)
     return index
 
 
-def _finished(out: Path, split: str, index: int) -> dict | None:
-    record = out / ".render" / split / f"{index:06d}.json"
+def _record(out: Path, split: str, index: int) -> Path:
+    return out / ".render" / split / f"{index:06d}.json"
+
+
+def _finished(out: Path, split: str, index: int) -> bool:
+    """Its PNG (renamed into place whole) and then its scene record are both there."""
     image = out / "images" / split / f"CLEVR_{split}_{index:06d}.png"
-    if record.exists() and image.exists():
-        return json.loads(record.read_text())
-    return None
+    return _record(out, split, index).exists() and image.exists()
 
 
 def _questions(scenes: list[dict], settings: dict, split: str) -> list[dict]:
@@ -157,7 +159,7 @@ def generate_rendered(out, images: int, val_images: int, questions: int = 10, se
         from .blender import INSTALL_HINT
         raise RuntimeError(INSTALL_HINT)
     todo = [(split, i) for split, n in (("train", images), ("val", val_images)) for i in range(n)
-            if _finished(out, split, i) is None]
+            if not _finished(out, split, i)]
     for split in ("train", "val"):
         for folder in (out / "images" / split, out / ".render" / split):
             folder.mkdir(parents=True, exist_ok=True)
@@ -168,14 +170,9 @@ def generate_rendered(out, images: int, val_images: int, questions: int = 10, se
     start = time.perf_counter()
     stats: dict = {"rendered": _render_all(out, todo, settings, workers or os.cpu_count() or 1, log)}
     for split, n in (("train", images), ("val", val_images)):
-        scenes = [_finished(out, split, i) for i in range(n)]
+        scenes = [json.loads(_record(out, split, i).read_text()) for i in range(n)]
         qs = _questions(scenes, settings, split)
-        (out / "scenes").mkdir(exist_ok=True)
-        (out / "questions").mkdir(exist_ok=True)
-        write_json_atomic(out / "scenes" / f"CLEVR_{split}_scenes.json", {"info": {**info, "split": split},
-                                                                         "scenes": scenes})
-        write_json_atomic(out / "questions" / f"CLEVR_{split}_questions.json",
-                          {"info": {**info, "split": split}, "questions": qs})
+        write_split(out, split, info, scenes, qs)
         stats[split] = (len(scenes), len(qs))
         log(f"{split}: {len(scenes)} images, {len(qs)} questions")
     stats["seconds"] = time.perf_counter() - start

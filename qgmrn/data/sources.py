@@ -41,6 +41,13 @@ def write_json_atomic(path: Path, obj) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def write_split(root: Path, split: str, info: dict, scenes: list, questions: list) -> None:
+    """A split's CLEVR_{split}_scenes.json and CLEVR_{split}_questions.json, each written atomically."""
+    for kind, records in (("scenes", scenes), ("questions", questions)):
+        (root / kind).mkdir(parents=True, exist_ok=True)
+        write_json_atomic(root / kind / f"CLEVR_{split}_{kind}.json", {"info": {**info, "split": split}, kind: records})
+
+
 def _read_json(path: Path):
     if not path.exists():
         raise DataError(f"file not found: {path}")

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from ..files import remove_stale
+from ..files import os_error_line, remove_stale
 from ..config import get_config
 from ..data.datasets import collate
 from ..data.sources import DataError, majority_baseline
@@ -319,7 +319,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:                          # an --out that is a file, read-only, full, ...
-        print(f"error: {e.strerror or e}: {e.filename or cfg.out}", file=sys.stderr)
+        print(f"error: {os_error_line(e, cfg.out)}", file=sys.stderr)
         return 2
     finally:
         if dist.is_initialized():
