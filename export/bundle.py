@@ -18,10 +18,11 @@ from qgmrn.files import remove_stale
 from qgmrn.preprocess import Vocab
 
 from .onnx_export import build_metadata, export_onnx, file_sha256, routing_precision_report
-from .parity import TOLERANCES, compare, make_batches, parity_samples, run_backend, run_onnxruntime, run_torch
+from .parity import MIN_JUDGED, answer_labels, make_batches, parity_samples, run_torch
+from .precision import judge_rows
 
-ONNX_NAME, ONNX_FP16_NAME, PARITY_NAME = "model.onnx", "model.fp16.onnx", "parity.json"
-BUNDLE_FILES = (ONNX_NAME, ONNX_FP16_NAME, PARITY_NAME)
+ONNX_NAME, ONNX_FP16_NAME, ONNX_INT8_NAME, PARITY_NAME = "model.onnx", "model.fp16.onnx", "model.int8.onnx", "parity.json"
+BUNDLE_FILES = (ONNX_NAME, ONNX_FP16_NAME, ONNX_INT8_NAME, PARITY_NAME)
 
 
 class ExportError(RuntimeError):
@@ -40,6 +41,7 @@ class Staged:
     model: object                  # the checkpoint's QGMRN, eval mode
     batches: list                  # the parity inputs
     reference: dict                # PyTorch outputs on them
+    labels: object = None          # their true answers as indices (parity.answer_labels)
 
 
 def default_out(checkpoint: str | os.PathLike) -> Path:
@@ -108,16 +110,20 @@ def keep_failed(stage: Path, out: Path) -> Path:
 
 
 def export_checkpoint(checkpoint, out=None, fp16: bool = False, data_root=None, jsonl=None,
-                      parity_n: int = 300, extra_samples=(), log=print, overwrite: bool = False,
-                      recipe: str | None = None) -> Staged:
-    """Export ONNX artefacts and check parity against PyTorch.
+                      parity_n: int = MIN_JUDGED, extra_samples=(), log=print, overwrite: bool = False,
+                      recipe: str | None = None, int8: bool = False, calib: int = 256) -> Staged:
+    """Export ONNX artefacts and check parity against PyTorch, one row per artefact x CPU backend x
+    precision (export/precision.py).
 
-    The caller publishes the stage (after adding engines) with publish(); a parity failure raises
-    ExportError after moving the stage to OUT.failed for inspection.
+    The caller publishes the stage (after adding engines) with publish(); a failed onnx-fp32 row
+    raises ExportError after moving the stage to OUT.failed for inspection. A reduced-precision
+    file (fp16, int8) that no row passed is left out of the stage, its rows saying why.
     """
     t0 = time.perf_counter()
     if parity_n < 1:
         raise ExportError(f"--parity-samples must be at least 1, got {parity_n}", 2)
+    if int8 and calib < 1:
+        raise ExportError(f"--calib must be at least 1, got {calib}", 2)
     state = load_checkpoint(checkpoint)
     if recipe:                  # the recipe (config file) the run followed, for the metadata
         state = {**state, "train_config": {**(state.get("train_config") or {}), "recipe": recipe}}
@@ -130,84 +136,83 @@ def export_checkpoint(checkpoint, out=None, fp16: bool = False, data_root=None, 
     stage = staging_dir(out, overwrite)
     try:
         sha = file_sha256(checkpoint)
-        artefacts = {"fp32": stage / ONNX_NAME}
-        export_onnx(model, artefacts["fp32"], build_metadata(state, sha, "fp32"))
-        if fp16:
-            artefacts["fp16"] = stage / ONNX_FP16_NAME
-            export_onnx(model_from_checkpoint(state), artefacts["fp16"], build_metadata(state, sha, "fp16"),
-                        fp16=True)
-        export_s = time.perf_counter() - t0
-        log(f"exported {', '.join(p.name for p in artefacts.values())} in {export_s:.1f} s")
-
         vocab = Vocab(list(state["vocab"]))
+        artefacts, report = _write_artefacts(state, model, stage, sha, fp16, int8, calib, data_root, jsonl, vocab, log)
         with tempfile.TemporaryDirectory(prefix="qgmrn-parity-") as scratch:
             samples, source = parity_samples(data_root, jsonl, parity_n, scratch=scratch)
             samples = list(samples) + list(extra_samples)
             batches = list(make_batches(samples, vocab, model.cfg.image_size))
         reference = run_torch(model, batches)
         report = {"checkpoint": str(checkpoint), "checkpoint_sha256": sha, "inputs": source,
-                  "samples": len(samples), "export_seconds": round(export_s, 2), "artefacts": {}}
-        for precision, path in artefacts.items():
-            result = compare(reference, run_onnxruntime(path, batches), model.cfg.layer_sizes,
-                             TOLERANCES[precision])
-            result["file"] = path.name
-            result["bytes"] = path.stat().st_size
-            result["sha256"] = file_sha256(path)          # the runtime checks it when it loads the bundle
-            result["backend"] = "onnxruntime CPUExecutionProvider"
-            result["routing_precision"] = routing_precision_report(onnx.load(str(path)))
-            report["artefacts"][f"onnx-{precision}"] = result
-            log(_line(f"onnx-{precision}", result))
-        ov_row = openvino_parity(artefacts["fp32"], batches, reference, model.cfg.layer_sizes)
-        if ov_row is not None:
-            # A backend check, not an artefact of the bundle: reported, but it does not decide
-            # publishing (bf16 logits of trained models exceed the fp16 tolerance; see README).
-            ov_row["advisory"] = True
-            report["artefacts"][ov_row["name"]] = ov_row
-            log(_line(ov_row["name"], ov_row) + "  (advisory: the OpenVINO backend, not a bundle file)")
+                  "samples": len(samples), "export_seconds": round(time.perf_counter() - t0, 2), **report}
+        labels = answer_labels(samples, list(state["answers"]))
+        rows = judge_rows(artefacts, batches, reference, model.cfg.layer_sizes, labels, log)
+        report["artefacts"] = _finish_rows(rows, artefacts, log)
         # weights no parity input reaches (an unknown word's embedding row, a bias of a path not
         # taken) would still answer wrongly later: every weight must be finite
         report["non_finite_weights"] = [name for name, t in model.state_dict().items()
                                         if t.is_floating_point() and not torch.isfinite(t).all()]
-        report["passed"] = not report["non_finite_weights"] and all(
-            r["passed"] for r in report["artefacts"].values() if not r.get("advisory"))
+        report["passed"] = not report["non_finite_weights"] and report["artefacts"]["onnx-fp32"]["passed"]
         write_report(stage, report)
         if not report["passed"]:
             failed = keep_failed(stage, out)
-            problems = "; ".join([f"{k}: {', '.join(r['failures'])}" for k, r in report["artefacts"].items()
-                                  if not r["passed"] and not r.get("advisory")]
+            r = report["artefacts"]["onnx-fp32"]
+            problems = "; ".join([f"onnx-fp32: {', '.join(r['failures'])}"] * (not r["passed"])
                                  + [f"non-finite weights in {', '.join(report['non_finite_weights'][:5])}"]
                                  * bool(report["non_finite_weights"]))
             raise ExportError(f"parity check failed: {problems}. Nothing was published; the failed "
                               f"artefacts and parity.json are in {failed}", 1)
-        return Staged(stage, out, report, state, model, batches, reference)
+        return Staged(stage, out, report, state, model, batches, reference, labels)
     except BaseException:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
         raise
 
 
-def openvino_parity(onnx_path: Path, batches, reference, layer_sizes) -> dict | None:
-    """PyTorch vs the runtime's OpenVINO backend on the same inputs, where OpenVINO is installed
-    (fp16 tolerances: its visual path runs in bf16 where the CPU has it; routing stays float32)."""
-    try:
-        import openvino  # noqa: F401
-    except ImportError:
-        return None
-    from runtime.openvino_backend import OpenVINORunner
-    runner = OpenVINORunner(onnx_path, check_weights=False)
-    result = compare(reference, run_backend(runner, batches), layer_sizes, TOLERANCES["fp16"])
-    result.update(name=f"openvino-{runner.precision}", file=onnx_path.name, backend=runner.name)
-    return result
+def _write_artefacts(state, model, stage: Path, sha: str, fp16: bool, int8: bool, calib: int, data_root, jsonl,
+                     vocab, log) -> tuple[dict[str, Path], dict]:
+    """model.onnx, and model.fp16.onnx / model.int8.onnx when asked; (files by precision, report
+    fields about how they were made)."""
+    t = time.perf_counter()
+    artefacts = {"fp32": stage / ONNX_NAME}
+    export_onnx(model, artefacts["fp32"], build_metadata(state, sha, "fp32"))
+    if fp16:
+        artefacts["fp16"] = stage / ONNX_FP16_NAME
+        export_onnx(model_from_checkpoint(state), artefacts["fp16"], build_metadata(state, sha, "fp16"), fp16=True)
+    fields: dict = {}
+    if int8:
+        from .quantize import calibration_batches, calibration_samples, quantize_int8
+        with tempfile.TemporaryDirectory(prefix="qgmrn-calib-") as scratch:
+            samples, where = calibration_samples(state, data_root, jsonl, calib, scratch)
+            batches = calibration_batches(samples, vocab, model.cfg.image_size, calib)
+        artefacts["int8"] = stage / ONNX_INT8_NAME
+        fields["int8"] = {**quantize_int8(artefacts["fp32"], artefacts["int8"], batches,
+                                          build_metadata(state, sha, "int8")), "calibration_source": where}
+    log(f"exported {', '.join(p.name for p in artefacts.values())} in {time.perf_counter() - t:.1f} s")
+    return artefacts, fields
+
+
+def _finish_rows(rows: dict, artefacts: dict[str, Path], log) -> dict:
+    """File facts on the rows; a reduced-precision file that no row passed is removed (never
+    published), and its rows say so."""
+    for precision, path in artefacts.items():
+        using = {k: r for k, r in rows.items() if r["file"] == path.name and
+                 (precision != "fp32" or r.get("engine") == "onnxruntime" and r["precision"] == "fp32")}
+        keep = precision == "fp32" or any(r["passed"] for r in using.values())
+        facts = {"bytes": path.stat().st_size, "sha256": file_sha256(path)} if path.exists() else {}
+        if precision == "fp32" or path.suffix == ".onnx" and keep:
+            facts["routing_precision"] = routing_precision_report(onnx.load(str(path)))
+        for r in using.values():
+            r.update(facts, published=keep)
+        if not keep:
+            path.unlink()
+            log(f"{path.name} left out of the bundle: no backend passed parity with it")
+    for r in rows.values():
+        r.setdefault("published", True)
+        # rows other than onnx-fp32 decide what auto may run, not whether the bundle publishes
+        r["advisory"] = not (r.get("engine") == "onnxruntime" and r["precision"] == "fp32")
+    return rows
 
 
 def write_report(directory: Path, report: dict) -> None:
     (directory / PARITY_NAME).write_text(json.dumps(report, indent=2, allow_nan=False))
-
-
-def _line(name: str, r: dict) -> str:
-    d = r["max_abs_logit_diff"]
-    return (f"parity {name}: {'OK' if r['passed'] else 'FAILED'}  "
-            f"max|dlogit| {'non-finite' if d is None else format(d, '.2e')}  "
-            f"top-1 {100 * r['top1_agreement']:.2f}%  gates {100 * r['gate_agreement']:.3f}% "
-            f"({r['route_logits_within_eps']} route logits within {r['eps']:g} of 0, "
-            f"{r['near_threshold_flips']} flipped)")

@@ -56,11 +56,14 @@ def summarize(correct: np.ndarray, samples: list[Sample], ratio: np.ndarray | No
             if key[1] is not None:
                 hits[key] += int(ok)
                 totals[key] += 1
+    # CLEVR's types in the paper's order, then any others a JSONL file names, sorted
+    types = [*QUESTION_TYPES, *sorted({t for k, t in totals if k == "type"} - set(QUESTION_TYPES))]
+    subtypes = [*SUBTYPES, *sorted({t for k, t in totals if k == "subtype"} - set(SUBTYPES))]
     result = {
         "n": int(len(correct)), "overall": float(correct.mean()) if len(correct) else 0.0,
-        "per_type": {t: hits["type", t] / totals["type", t] for t in QUESTION_TYPES if totals["type", t]},
-        "per_subtype": {t: hits["subtype", t] / totals["subtype", t] for t in SUBTYPES if totals["subtype", t]},
-        "counts": {t: totals["type", t] for t in QUESTION_TYPES if totals["type", t]},
+        "per_type": {t: hits["type", t] / totals["type", t] for t in types if totals["type", t]},
+        "per_subtype": {t: hits["subtype", t] / totals["subtype", t] for t in subtypes if totals["subtype", t]},
+        "counts": {t: totals["type", t] for t in types if totals["type", t]},
     }
     if ratio is not None:
         q = np.percentile(ratio, [25, 50, 75], axis=0)
@@ -76,7 +79,7 @@ def summarize(correct: np.ndarray, samples: list[Sample], ratio: np.ndarray | No
 def format_table(result: dict) -> str:
     lines = [f"accuracy on {result['n']} questions", f"  {'Overall':<20}{100 * result['overall']:6.1f}"]
     for t, acc in result["per_type"].items():
-        lines.append(f"  {TYPE_TITLES[t]:<20}{100 * acc:6.1f}   ({result['counts'][t]})")
+        lines.append(f"  {TYPE_TITLES.get(t, t):<20}{100 * acc:6.1f}   ({result['counts'][t]})")
     if result["per_subtype"]:
         lines.append("per subtype")
         lines += [f"  {t:<20}{100 * a:6.1f}" for t, a in result["per_subtype"].items()]

@@ -12,6 +12,7 @@ import numpy as np
 
 from .errors import ModelError
 from .metadata import METADATA_KEY, check_metadata_against_shapes, check_weights_finite, parse_metadata
+from .precision import Choice, check_sha, rank, report_rows
 
 log = logging.getLogger("runtime")
 OUTPUTS = ("logits", "gates", "route_logits")
@@ -71,17 +72,6 @@ class TensorRTRunner:
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "openvino", "cpu")
 
 
-def openvino_preferred() -> tuple[bool, str]:
-    """Whether auto picks OpenVINO over onnxruntime's CPU provider, and why. OpenVINO's bf16 visual
-    path is the fastest CPU backend where the CPU has bf16 hardware (bench/runtime_latency.py,
-    brn-c32: 2.40 vs 3.37 ms at batch 1, 16.7 vs 25.5 ms at batch 8 on an AVX512-BF16 CPU), but on
-    a trained model its logits moved by up to 0.66 from PyTorch's (the built-in model; gates
-    identical, top-1 99.75% of 400), beyond the fp16 tolerance of 0.05 that export holds reduced-precision graphs
-    to. So auto keeps onnxruntime, whose answers are PyTorch's; backend="openvino" runs it."""
-    return False, ("OpenVINO's bf16 path exceeds the fp16 logit tolerance on trained models; "
-                   "ask for backend='openvino' explicitly")
-
-
 def _candidates(path: Path, backend: str) -> list[tuple[str, object]]:
     """(description, factory) in the order auto tries them; one entry for an explicit backend."""
     engine = path / "model.engine" if path.is_dir() else (path if path.suffix in ENGINE_SUFFIXES else None)
@@ -119,14 +109,31 @@ def _candidates(path: Path, backend: str) -> list[tuple[str, object]]:
         gpu = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in ort.get_available_providers()]
         if gpu:
             out.append((f"onnxruntime {gpu[0]}", lambda: _require_gpu(OnnxRuntimeRunner(onnx_path, "auto"))))
-        prefer, why = openvino_preferred()
-        if prefer:
-            from .openvino_backend import OpenVINORunner
-            out.append((f"OpenVINO ({why})", lambda: OpenVINORunner(onnx_path)))
-        else:
-            log.info("runtime: OpenVINO not chosen: %s", why)
+        choices, skipped = rank(*report_rows(path))
+        if skipped:
+            log.info("runtime: auto left out %s", "; ".join(skipped))
+        for choice in choices:
+            if choice.key != "onnx-fp32":
+                out.append((choice.key, lambda c=choice: _runner_for(c, path)))
+            else:
+                break                  # onnxruntime fp32 comes last anyway: the reference
         out.append(("onnxruntime CPU", lambda: OnnxRuntimeRunner(onnx_path, "cpu")))
     return out
+
+
+def _runner_for(choice: Choice, path: Path):
+    """A reduced-precision (or OpenVINO) row of the parity report, checked to be the proven file."""
+    rows, _ = report_rows(path)
+    check_sha(choice.path, rows[choice.key])
+    if choice.engine == "openvino":
+        from .openvino_backend import OpenVINORunner
+        runner = OpenVINORunner(choice.path, "bf16" if choice.precision == "bf16" else "f32")
+    else:
+        runner = OnnxRuntimeRunner(choice.path, "cpu")
+    runner.name += f" [{choice.key}]"
+    runner.source = choice.path
+    runner.reason = choice.reason
+    return runner
 
 
 def check_bundle(directory: Path, onnx_path: Path | None) -> None:
@@ -161,9 +168,10 @@ def _require_gpu(runner):
 
 def open_runner(path: str | os.PathLike, backend: str = "auto"):
     """backend: "auto" tries, in order, a TensorRT engine > onnxruntime with the TensorRT or CUDA
-    provider > OpenVINO where openvino_preferred() allows (not today: see its docstring) >
-    onnxruntime CPU, and falls back to the next when one cannot run here (logging why); "tensorrt", "onnxruntime" (best
-    onnxruntime provider), "openvino" or "cpu" name one, and raise if it cannot run."""
+    provider > the fastest CPU row of the export's parity report that passed and can run here
+    (runtime/precision.py: OpenVINO bf16, int8, ...) > onnxruntime CPU fp32, and falls back to the
+    next when one cannot run here (logging why); "tensorrt", "onnxruntime" (best onnxruntime
+    provider), "openvino" or "cpu" name one, and raise if it cannot run."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     path = Path(path)
@@ -180,7 +188,8 @@ def open_runner(path: str | os.PathLike, backend: str = "auto"):
             reasons.append(f"{what}: {e}")
             log.warning("runtime: %s cannot run here, trying the next backend (%s)", what, e)
             continue
-        log.info("runtime: %s chose %s%s", path, runner.name,
+        log.info("runtime: %s chose %s%s%s", path, runner.name,
+                 f" ({runner.reason})" if getattr(runner, "reason", None) else "",
                  f" after {'; '.join(reasons)}" if reasons else "")
         runner.fallbacks = reasons
         return runner, _source_path(path, runner)
@@ -188,6 +197,8 @@ def open_runner(path: str | os.PathLike, backend: str = "auto"):
 
 
 def _source_path(path: Path, runner) -> Path:
+    if getattr(runner, "source", None):
+        return runner.source
     if not path.is_dir():
         return path
     return path / ("model.engine" if isinstance(runner, TensorRTRunner) else "model.onnx")

@@ -41,6 +41,8 @@ class Model:
         self._runner, self.path = open_runner(path, backend)
         meta = self.metadata = self._runner.metadata
         self.backend = self._runner.name
+        # why auto chose this backend (the parity row it passed, its speed), where it chose by rows
+        self.backend_reason: str | None = getattr(self._runner, "reason", None)
         try:
             self.vocab = Vocab(list(meta["vocab"]))
         except (TypeError, ValueError) as e:

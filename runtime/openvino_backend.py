@@ -12,6 +12,7 @@ with PyTorch outside the near-threshold band, as for the fp16 ONNX graph.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 from pathlib import Path
 
@@ -21,6 +22,40 @@ from .metadata import METADATA_KEY, check_metadata_against_shapes, check_weights
 from .errors import ModelError
 
 OUTPUTS = ("logits", "gates", "route_logits")
+
+
+@contextlib.contextmanager
+def keep_signal_stack():
+    """Restore this thread's alternate signal stack on exit. Compiling and freeing two OpenVINO
+    models in one process (OpenVINO 2026.4, CPU plugin) left the main thread's sigaltstack
+    pointing at freed memory, so the next signal that Python handles on the alternate stack
+    (SIGTERM, SIGINT: export's own handlers) crashed the process with SIGSEGV."""
+    libc, old = None, None
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        old = _StackT()
+        if libc.sigaltstack(None, ctypes.byref(old)) != 0:
+            libc = None
+    except (OSError, AttributeError):                   # not Linux/glibc: nothing to keep
+        libc = None
+    try:
+        yield
+    finally:
+        if libc is not None:
+            import ctypes
+            libc.sigaltstack(ctypes.byref(old), None)
+
+
+def _stack_type():
+    import ctypes
+
+    class StackT(ctypes.Structure):                     # stack_t
+        _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+    return StackT
+
+
+_StackT = _stack_type()
 
 
 def cpu_has_bf16(core) -> bool:

@@ -3,6 +3,7 @@ and trained on the same data, samples and schedule: it tells the data from the m
 learning study. Not part of the product.
 
     python study/film.py --data-root DIR --out runs/film --steps 20000 [--width 36] [--bf16]
+    python study/film.py --jsonl TRAIN VAL --out runs/film ...        # JSON lines, as the trainer
 
 Model: a GRU reads the question (QGMRN-small's sizes); a stem (two 3x3/2 convs) turns the 64x64
 image into a 16x16 map; four residual blocks, each 1x1 conv on the map plus two coordinate
@@ -27,8 +28,8 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout
 
 from qgmrn.data.datasets import VQADataset, collate  # noqa: E402
-from qgmrn.data.prepare import default_cache_dir, open_cache  # noqa: E402
-from qgmrn.data.sources import answer_list, load_clevr  # noqa: E402
+from qgmrn.data.prepare import cache_name, default_cache_dir, open_cache  # noqa: E402
+from qgmrn.data.sources import answer_list, load_clevr, load_jsonl  # noqa: E402
 from qgmrn.evaluate import summarize, within_limit  # noqa: E402
 from qgmrn.model import conv_linear_macs, count_macs, create_model  # noqa: E402
 from qgmrn.preprocess import Vocab  # noqa: E402
@@ -100,7 +101,9 @@ def evaluate(model, dataset, device) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data-root", required=True)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data-root", help="CLEVR v1.0 layout")
+    src.add_argument("--jsonl", nargs=2, metavar=("TRAIN", "VAL"), help="JSON lines, as the trainer reads them")
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=20000)
     ap.add_argument("--batch-size", type=int, default=64)
@@ -114,14 +117,19 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     torch.manual_seed(a.seed)
-    train_s, val_s = load_clevr(a.data_root, "train"), load_clevr(a.data_root, "val")
+    if a.jsonl:
+        train_s, val_s = load_jsonl(a.jsonl[0]), load_jsonl(a.jsonl[1])
+        where, names = Path(a.jsonl[0]).parent, (cache_name(a.jsonl[0]), cache_name(a.jsonl[1]))
+    else:
+        train_s, val_s = load_clevr(a.data_root, "train"), load_clevr(a.data_root, "val")
+        where, names = a.data_root, ("train", "val")
     vocab, answers = Vocab.build(s.question for s in train_s), answer_list(train_s)
     val_s, _ = within_limit(val_s[:a.max_val], 64)
-    cache_dir = default_cache_dir(a.data_root)
+    cache_dir = default_cache_dir(where)
     train_ds = VQADataset(train_s, vocab, answers, a.image_size,
-                          open_cache(cache_dir, "train", a.image_size, [s.image for s in train_s], build=True))
+                          open_cache(cache_dir, names[0], a.image_size, [s.image for s in train_s], build=True))
     val_ds = VQADataset(val_s, vocab, answers, a.image_size,
-                        open_cache(cache_dir, "val", a.image_size, [s.image for s in val_s], build=True))
+                        open_cache(cache_dir, names[1], a.image_size, [s.image for s in val_s], build=True))
     model = FiLM(len(vocab), len(answers), a.width)
     peer = create_model("small", vocab_size=len(vocab), num_answers=len(answers))
     print(f"FiLM width {a.width}: {film_macs(model, a.image_size) / 1e6:.1f} M multiply-adds, "

@@ -7,7 +7,6 @@ import pytest
 
 import runtime
 from qgmrn.data.sources import load_clevr
-from runtime import backends
 
 
 @pytest.fixture(scope="module")
@@ -42,23 +41,89 @@ def test_export_parity_has_an_openvino_row_when_installed(bundle):
     import json
     report = json.loads((bundle / "parity.json").read_text())
     rows = [k for k in report["artefacts"] if k.startswith("openvino-")]
-    assert rows and report["artefacts"][rows[0]]["advisory"]           # reported, not deciding publishing
-    assert report["artefacts"][rows[0]]["gates_differ_outside_eps"] == 0
+    assert rows and all(report["artefacts"][k]["advisory"] for k in rows)   # they decide auto, not publishing
+    assert all(report["artefacts"][k]["gates_differ_outside_eps"] == 0 for k in rows)
+    assert all(report["artefacts"][k]["latency_ms"]["1"] > 0 for k in rows)
 
 
-def test_auto_falls_back_when_the_preferred_backend_cannot_run(bundle, monkeypatch, caplog):
-    def broken(path, precision="auto"):
+@pytest.fixture()
+def int8_bundle(tiny_checkpoint, tiny_data, tmp_path_factory):
+    """A bundle with every row (fp16, int8, OpenVINO), exported once per test that alters it."""
+    from export.bundle import export_checkpoint, publish
+    out = tmp_path_factory.mktemp("int8") / "bundle"
+    staged = export_checkpoint(tiny_checkpoint, out, fp16=True, int8=True, calib=16, data_root=tiny_data,
+                               parity_n=24, log=lambda *a: None)
+    publish(staged.stage, out)
+    return out
+
+
+def _rows(bundle, change):
+    import json
+    report = json.loads((bundle / "parity.json").read_text())
+    for key, row in report["artefacts"].items():
+        change(key, row)
+    (bundle / "parity.json").write_text(json.dumps(report))
+
+
+def test_auto_runs_the_fastest_row_that_passed_on_enough_questions(int8_bundle, caplog):
+    def fast(key, row, favourite="onnx-int8"):
+        row["samples"] = 400                                   # as if judged on 400 questions
+        row["latency_ms"] = {"1": 0.5 if key == favourite else 5.0, "8": 1.0}
+    # judged on 24 questions only: a reduced precision is never auto's choice
+    assert runtime.load(int8_bundle).backend.startswith("onnxruntime") and \
+        runtime.load(int8_bundle).path.name == "model.onnx"
+    _rows(int8_bundle, fast)
+    with caplog.at_level(logging.INFO, logger="runtime"):
+        model = runtime.load(int8_bundle)
+    assert model.path.name == "model.int8.onnx" and "[onnx-int8]" in model.backend
+    assert "onnx-int8: passed parity on 400 questions" in model.backend_reason and "onnx-int8" in caplog.text
+    # a failed row is never chosen, whatever its speed
+    _rows(int8_bundle, lambda key, row: row.update(passed=False) if key == "onnx-int8" else None)
+    assert "[onnx-int8]" not in runtime.load(int8_bundle).backend
+
+
+def test_auto_refuses_an_altered_reduced_precision_file_and_falls_back(int8_bundle, caplog):
+    _rows(int8_bundle, lambda key, row: row.update(samples=400, latency_ms={"1": 0.1 if key == "onnx-int8" else 9,
+                                                                             "8": 1}))
+    with open(int8_bundle / "model.int8.onnx", "ab") as f:
+        f.write(b"\0")
+    with caplog.at_level(logging.WARNING, logger="runtime"):
+        model = runtime.load(int8_bundle)
+    assert model.path.name != "model.int8.onnx" and "sha256 differs" in caplog.text
+
+
+def test_auto_falls_back_when_the_preferred_backend_cannot_run(int8_bundle, monkeypatch, caplog):
+    pytest.importorskip("openvino", reason="OpenVINO is not installed")
+    def broken(path, precision="auto", check_weights=True):
         raise runtime.ModelError("simulated: OpenVINO cannot compile this model")
     import runtime.openvino_backend as ovb
-    monkeypatch.setattr(backends, "openvino_preferred", lambda: (True, "test"))
+    _rows(int8_bundle, lambda key, row: row.update(samples=400, passed=True,
+                                                   latency_ms={"1": 0.1 if key.startswith("openvino") else 9, "8": 1}))
     monkeypatch.setattr(ovb, "OpenVINORunner", broken)
     with caplog.at_level(logging.WARNING, logger="runtime"):
-        model = runtime.load(bundle)
-    assert model.backend.startswith("onnxruntime")
-    assert "OpenVINO" in caplog.text and "simulated" in caplog.text
+        model = runtime.load(int8_bundle)
+    assert not model.backend.startswith("OpenVINO")
+    assert "simulated" in caplog.text
     assert model._runner.fallbacks and "simulated" in model._runner.fallbacks[0]
     with pytest.raises(runtime.ModelError, match="simulated"):
-        runtime.load(bundle, backend="openvino")                 # an explicit backend raises
+        runtime.load(int8_bundle, backend="openvino")                 # an explicit backend raises
+
+
+def test_on_another_cpu_auto_ranks_rows_by_the_hardware_it_has():
+    from runtime.precision import rank
+    import tempfile
+    from pathlib import Path
+    folder = Path(tempfile.mkdtemp())
+    for name in ("model.onnx", "model.int8.onnx"):
+        (folder / name).write_bytes(b"x")
+    rows = {k: {"passed": True, "engine": "onnxruntime", "precision": p, "file": f, "samples": 400,
+                "cpu": {"model": "some other CPU", "cores": 64}, "latency_ms": {"1": t}}
+            for k, p, f, t in (("onnx-fp32", "fp32", "model.onnx", 1.0), ("onnx-int8", "int8", "model.int8.onnx", 9.0))}
+    here = {"model": "this CPU", "cores": 2, "bf16": False, "vnni": True, "amx": False}
+    choices, _ = rank(rows, folder, here)
+    assert [c.key for c in choices] == ["onnx-int8", "onnx-fp32"] and "features" in choices[0].reason
+    choices, skipped = rank(rows, folder, {**here, "vnni": False})
+    assert [c.key for c in choices] == ["onnx-fp32"] and any("VNNI" in s for s in skipped)
 
 
 def test_an_engine_that_cannot_run_here_falls_back_to_the_onnx(bundle, tmp_path, monkeypatch):

@@ -201,9 +201,9 @@ def test_bad_inputs_fail_clearly_and_leave_nothing(tmp_path, tiny_data, capsys):
 
 
 def test_parity_out_of_tolerance_fails_and_publishes_nothing(tmp_path, tiny_data, monkeypatch, capsys):
-    from export import bundle
+    from export import parity
     ckpt = save_random_checkpoint(tmp_path / "ckpt.pt", "tiny")
-    monkeypatch.setitem(bundle.TOLERANCES, "fp32", bundle.TOLERANCES["fp32"].__class__(0.0, 1.0))
+    monkeypatch.setitem(parity.TOLERANCES, "fp32", parity.TOLERANCES["fp32"].__class__(0.0, 1.0))
     assert to_onnx_main([str(ckpt), "--out", str(tmp_path / "b"), "--data-root", str(tiny_data),
                          "--parity-samples", "20"]) == 1
     err = capsys.readouterr().err

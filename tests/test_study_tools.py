@@ -97,3 +97,56 @@ def test_film_peer_is_sized_like_qgmrn_small_and_trains_in_the_trainers_format(t
                       "--batch-size", "8", "--eval-every", "2", "--image-size", "32"]) == 0
     rows = [json.loads(line) for line in (tmp_path / "f" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4] and all(0 <= r["overall"] <= 1 and r["per_type"] for r in rows)
+
+
+@pytest.fixture(scope="module")
+def one_object_data(tmp_path_factory):
+    from qgmrn.data.generate import generate
+    root = tmp_path_factory.mktemp("one-object")
+    generate(root, images=12, val_images=6, questions=2, seed=3, workers=1, log=lambda *a: None, objects=(1, 1))
+    return root
+
+
+def test_matching_questions_are_true_to_the_scene_and_balanced():
+    matching = _module("matching")
+    import random
+    obj = {"color": "red", "shape": "cylinder", "size": "large", "material": "metal"}
+    rng, yes = random.Random(0), {}
+    for _ in range(400):
+        for q in matching.scene_questions(obj, rng):
+            words = q["question"].rstrip("?").split()
+            if q["type"] == "match":                     # "yes" exactly when every named value is the object's
+                named = [w for w in words if any(w in v for v in matching.VALUES.values())]
+                assert named and (q["answer"] == "yes") == all(w in obj.values() for w in named), q
+                yes.setdefault(q["subtype"], []).append(q["answer"] == "yes")
+            else:
+                assert q["answer"] == obj[q["subtype"].removeprefix("query_")]
+    assert set(yes) == {"match_color", "match_shape", "match_size", "match_material", "match_pair"}
+    assert all(0.4 < sum(v) / len(v) < 0.6 for v in yes.values())          # yes and no equally often
+
+
+def test_matching_set_trains_and_reports_samples_to_95(one_object_data, tmp_path):
+    matching = _module("matching")
+    counts = matching.make(one_object_data)
+    assert counts == {"train": 12 * 9, "val": 6 * 9}
+    rows = [json.loads(x) for x in (one_object_data / "matching" / "train.jsonl").read_text().splitlines()]
+    assert all((one_object_data / "matching" / r["image"]).resolve().exists() for r in rows)
+    from qgmrn.train import train
+    from conftest import tiny_train_config
+    out = tmp_path / "run"
+    train(tiny_train_config(None, out, jsonl=[str(one_object_data / "matching" / f"{s}.jsonl") for s in ("train", "val")],
+                            eval_every=2, eval_every_epoch=False))
+    val = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"val"' in x]
+    assert val and {"match", "query_attribute"} <= set(val[-1]["per_type"])      # the file's own types, reported
+    assert "match_pair" in val[-1]["per_subtype"]
+    table = matching.report([out], tmp_path / "docs")
+    assert "| run |" in table and (tmp_path / "docs" / "matching.json").exists()
+    film = _module("film")
+    assert film.main(["--jsonl", *(str(one_object_data / "matching" / f"{s}.jsonl") for s in ("train", "val")),
+                      "--out", str(tmp_path / "f"), "--steps", "2", "--batch-size", "8", "--eval-every", "2",
+                      "--image-size", "32"]) == 0
+
+
+def test_a_scene_with_more_objects_is_refused(tiny_data):
+    with pytest.raises(SystemExit, match="--objects 1 1"):
+        _module("matching").make(tiny_data)

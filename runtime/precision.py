@@ -1,0 +1,135 @@
+"""Which precision auto runs a model in: the fastest row of the export's parity report that passed.
+
+Export (export/precision.py) judges every artefact x backend x precision it can run against
+PyTorch and times it on the parity inputs; the rows live in a bundle's parity.json, or in the
+card (NAME.json) beside a single NAME.onnx such as the built-in model. A reduced-precision row
+(fp16, bf16, int8) passes by its answers (gates, top-1, accuracy; export/parity.py) and is used
+only when it was judged on at least MIN_JUDGED questions. Among the passing rows that can run
+here, auto takes the fastest at batch 1 as measured at export when this machine has the same CPU;
+on another CPU it ranks them by what the hardware has (HARDWARE_ORDER), since export's timings
+say nothing about it.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ModelError
+
+MIN_JUDGED = 400
+# On a CPU export did not time: bf16 hardware makes OpenVINO's bf16 visual path the fastest
+# (bench/runtime_latency.py: 0.27x eager at batch 1 on AVX512-BF16); int8 convolutions need VNNI
+# or AMX to beat float32; otherwise onnxruntime fp32.
+HARDWARE_ORDER = ("openvino-bf16", "openvino-int8", "onnx-int8", "onnx-fp32")
+ENGINE_MODULE = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
+
+
+@dataclass(frozen=True)
+class Choice:
+    key: str                      # the parity row: "openvino-bf16", "onnx-fp32", ...
+    engine: str                   # "onnxruntime" or "openvino"
+    precision: str                # the visual path's precision: fp32, fp16, bf16, int8
+    path: Path                    # the .onnx file it runs
+    reason: str                   # why auto chose it, for the log and model.backend_reason
+
+
+def cpu_signature() -> dict:
+    """This CPU's model name, core count and the features reduced precisions need (Linux; empty
+    where /proc/cpuinfo is not there)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {"model": None, "cores": os.cpu_count(), "bf16": False, "vnni": False, "amx": False}
+    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), None)
+    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+    return {"model": name, "cores": os.cpu_count(), "bf16": bool({"avx512_bf16", "amx_bf16"} & flags),
+            "vnni": bool({"avx512_vnni", "avx_vnni", "amx_int8"} & flags), "amx": "amx_bf16" in flags}
+
+
+def report_rows(path: Path) -> tuple[dict, Path]:
+    """(parity rows, the folder their files are in) for a bundle or a NAME.onnx with a NAME.json
+    card; ({}, folder) when there is no report."""
+    if path.is_dir():
+        report, folder = path / "parity.json", path
+    else:
+        report, folder = path.with_suffix(".json"), path.parent
+    if not report.exists():
+        return {}, folder
+    try:
+        rows = json.loads(report.read_text()).get("artefacts") or {}
+    except (OSError, json.JSONDecodeError, AttributeError) as e:
+        raise ModelError(f"{report} is unreadable ({e}); re-export the checkpoint") from e
+    return (rows if isinstance(rows, dict) else {}), folder
+
+
+def _usable(key: str, row: dict, folder: Path, here: dict) -> str | None:
+    """Why this row cannot be auto's choice here, or None."""
+    if not isinstance(row, dict) or not row.get("passed"):
+        return "did not pass parity"
+    engine, precision = row.get("engine"), row.get("precision")
+    if engine not in ENGINE_MODULE or not row.get("file"):
+        return "not a CPU runtime row"
+    if precision != "fp32" and int(row.get("samples", 0)) < MIN_JUDGED:
+        return f"judged on {row.get('samples')} questions (auto needs {MIN_JUDGED})"
+    if importlib.util.find_spec(ENGINE_MODULE[engine]) is None:
+        return f"{engine} is not installed"
+    if precision == "bf16" and not here["bf16"]:
+        return "this CPU has no bf16 hardware"
+    if precision == "int8" and not here["vnni"]:
+        return "this CPU has no int8 dot-product hardware (VNNI/AMX)"
+    if not (folder / row["file"]).exists():
+        return f"{row['file']} is missing"
+    return None
+
+
+def rank(rows: dict, folder: Path, here: dict | None = None) -> tuple[list[Choice], list[str]]:
+    """The passing rows that can run here, fastest first, and why the others were left out."""
+    here = here or cpu_signature()
+    usable, skipped = [], []
+    for key, row in rows.items():
+        why = _usable(key, row, folder, here)
+        if why:
+            skipped.append(f"{key}: {why}")
+        else:
+            usable.append((key, row))
+    same_cpu = all(_same_cpu(row.get("cpu"), here) and (row.get("latency_ms") or {}).get("1") for _, row in usable)
+    if same_cpu:
+        usable.sort(key=lambda kr: kr[1]["latency_ms"]["1"])
+    else:
+        usable.sort(key=lambda kr: HARDWARE_ORDER.index(kr[0]) if kr[0] in HARDWARE_ORDER else len(HARDWARE_ORDER))
+    fp32 = next((row.get("latency_ms", {}).get("1") for key, row in usable if key == "onnx-fp32"), None)
+    choices = []
+    for key, row in usable:
+        n = row.get("samples")
+        if same_cpu:
+            speed = f"{row['latency_ms']['1']:.2f} ms at batch 1 when exported on this CPU" + (
+                f" ({row['latency_ms']['1'] / fp32:.2f}x onnx-fp32)" if fp32 else "")
+        else:
+            speed = "ranked by this CPU's features (export timed another CPU)"
+        agree = row.get("top1_agreement")
+        reason = (f"{key}: passed parity on {n} questions"
+                  + (f" (top-1 {100 * agree:.2f}% vs PyTorch, gates identical)" if agree is not None else "")
+                  + f"; {speed}")
+        choices.append(Choice(key, row["engine"], row["precision"], folder / row["file"], reason))
+    return choices, skipped
+
+
+def _same_cpu(recorded, here: dict) -> bool:
+    return isinstance(recorded, dict) and recorded.get("model") == here["model"] and recorded.get("cores") == here["cores"]
+
+
+def check_sha(path: Path, row: dict) -> None:
+    expected = row.get("sha256")
+    if not expected:
+        return
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != expected:
+        raise ModelError(f"{path} is not the file its parity report proved (sha256 differs): it was "
+                         "altered or corrupted; re-export the checkpoint")
