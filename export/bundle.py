@@ -196,8 +196,7 @@ def _finish_rows(rows: dict, artefacts: dict[str, Path], log) -> dict:
     """File facts on the rows; a reduced-precision file that no row passed is removed (never
     published), and its rows say so."""
     for precision, path in artefacts.items():
-        using = {k: r for k, r in rows.items() if r["file"] == path.name and
-                 (precision != "fp32" or r.get("engine") == "onnxruntime" and r["precision"] == "fp32")}
+        using = {k: r for k, r in rows.items() if r["file"] == path.name}
         keep = precision == "fp32" or any(r["passed"] for r in using.values())
         facts = {"bytes": path.stat().st_size, "sha256": file_sha256(path)} if path.exists() else {}
         if precision == "fp32" or path.suffix == ".onnx" and keep:

@@ -29,11 +29,8 @@ ROWS = {
 
 
 def make_runner(engine: str, precision: str, path: Path):
-    if engine == "openvino":
-        from runtime.openvino_backend import OpenVINORunner
-        return OpenVINORunner(path, "bf16" if precision == "bf16" else "f32", check_weights=False)
-    from runtime.backends import OnnxRuntimeRunner
-    return OnnxRuntimeRunner(path, "cpu", check_weights=False)
+    from runtime.backends import runner_for
+    return runner_for(engine, precision, path, check_weights=False)
 
 
 def latency_ms(runner, batches, reps: int = 15) -> dict:

@@ -121,15 +121,20 @@ def _candidates(path: Path, backend: str) -> list[tuple[str, object]]:
     return out
 
 
+def runner_for(engine: str, precision: str, path: Path, check_weights: bool = True):
+    """The CPU runner of one parity row: onnxruntime, or OpenVINO with its visual path in bf16
+    (precision "bf16") or float32 (any other: an int8 file keeps its int8 convolutions)."""
+    if engine == "openvino":
+        from .openvino_backend import OpenVINORunner
+        return OpenVINORunner(path, "bf16" if precision == "bf16" else "f32", check_weights=check_weights)
+    return OnnxRuntimeRunner(path, "cpu", check_weights=check_weights)
+
+
 def _runner_for(choice: Choice, path: Path):
     """A reduced-precision (or OpenVINO) row of the parity report, checked to be the proven file."""
     rows, _ = report_rows(path)
     check_sha(choice.path, rows[choice.key])
-    if choice.engine == "openvino":
-        from .openvino_backend import OpenVINORunner
-        runner = OpenVINORunner(choice.path, "bf16" if choice.precision == "bf16" else "f32")
-    else:
-        runner = OnnxRuntimeRunner(choice.path, "cpu")
+    runner = runner_for(choice.engine, choice.precision, choice.path)
     runner.name += f" [{choice.key}]"
     runner.source = choice.path
     runner.reason = choice.reason

@@ -2,14 +2,30 @@
 from __future__ import annotations
 
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from qgmrn.preprocess import MEAN, STD, Vocab, encode_batch, preprocess_image
+from qgmrn.preprocess import MEAN, STD, Vocab, encode_batch, load_rgb, normalize, resize_uint8
 
 from .backends import open_runner
 from .errors import ModelError
+
+
+_POOL_SIZE = min(8, os.cpu_count() or 1)
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    """One pool of image workers per process, shared by every Model (made on first use)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(_POOL_SIZE, thread_name_prefix="qgmrn-image")
+        return _POOL
 
 
 @dataclass
@@ -37,8 +53,9 @@ class Model:
     most `max_question_len` tokens (longer ones are refused, never truncated). Thread-safe.
     """
 
-    def __init__(self, path: str | os.PathLike, backend: str = "auto"):
-        self._runner, self.path = open_runner(path, backend)
+    def __init__(self, path: str | os.PathLike, backend: str = "auto", _runner=None):
+        # _runner: an opened runner for `path` (export.benchmark times every parity row this way)
+        self._runner, self.path = (_runner, path) if _runner is not None else open_runner(path, backend)
         meta = self.metadata = self._runner.metadata
         self.backend = self._runner.name
         # why auto chose this backend (the parity row it passed, its speed), where it chose by rows
@@ -87,10 +104,21 @@ class Model:
         return out
 
     # -- internals ------------------------------------------------------------------------------
+    def _pixels(self, images) -> np.ndarray:
+        """Decode and resize each image (on the cores: Pillow releases the GIL while it decodes and
+        resizes), then normalise the batch in one step: the same numbers as preprocess_image."""
+        size = self.image_size
+        one = lambda im: resize_uint8(load_rgb(im), size)      # noqa: E731
+        if len(images) > 1 and _POOL_SIZE > 1:
+            u8 = list(_pool().map(one, images))               # the first bad image's error, in order
+        else:
+            u8 = [one(im) for im in images]
+        return normalize(np.stack(u8))
+
     def _predict_chunk(self, images, questions, top_k) -> list[Prediction]:
         # encode_batch refuses non-strings, questions without a word and too-long questions
         tokens, lengths, unknown = encode_batch(self.vocab, questions, self.max_question_len)
-        pixels = np.stack([preprocess_image(im, self.image_size) for im in images])
+        pixels = self._pixels(images)
         out = self._runner.run({"image": pixels, "tokens": tokens, "lengths": lengths})
         if not all(np.isfinite(out[k]).all() for k in ("logits", "route_logits")):
             raise ModelError(f"{self.path} produced non-finite outputs (NaN or infinity): its weights are "

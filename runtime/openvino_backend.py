@@ -147,7 +147,7 @@ class OpenVINORunner:
         check_metadata_against_shapes(self.metadata, dims(self._v.outputs[0]), dims(self._q.outputs[-2]), path,
                                       dims(self._v.inputs[0]))
         self.precision = visual_precision
-        self.name = f"OpenVINO {ov.__version__} (CPU, routing f32, visual {visual_precision})"
+        self.name = f"OpenVINO {ov.__version__.split('-')[0]} (CPU, routing f32, visual {visual_precision})"
         self._q_out = list(self._q.outputs)
         self._local = threading.local()
         if len(self._v.inputs) != 1 + self.n_crossing or len(self._q_out) != 2 + self.n_crossing:

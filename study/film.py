@@ -166,6 +166,8 @@ def main(argv=None) -> int:
             if step >= a.steps:
                 break
     (out / "config.json").write_text(json.dumps({"model": "film", **vars(a)}, indent=1))
+    torch.save({"film": model.state_dict(), "width": a.width, "vocab": vocab.tokens, "answers": answers,
+                "image_size": a.image_size, "step": step}, out / "film.pt")     # for study/cross_eval.py
     return 0
 
 
