@@ -65,15 +65,34 @@ def post(url: str, body: bytes, ctype: str) -> tuple[int, dict, float]:
         return 0, {}, time.perf_counter() - t
 
 
-def start_server(a, replicas: int) -> tuple[subprocess.Popen, str]:
+def echo_server(port: int, replicas: int) -> int:
+    """Ray Serve answering every POST with a constant after reading its body: no decoding, no
+    model. Its throughput is the most any model served this way can reach on this machine."""
+    import ray
+    from ray import serve
+    from starlette.requests import Request
+
+    @serve.deployment(num_replicas=replicas)
+    class Echo:
+        async def __call__(self, request: Request):
+            await request.body()
+            return {"answer": None, "batch_size": 1}
+    ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(Echo.bind(), name="echo", route_prefix="/")
+    while True:
+        time.sleep(1)
+
+
+def start_server(a, replicas: int, echo: bool = False) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "runtime.serve", "--model", a.model, "--port", str(port),
-                             "--replicas", str(replicas), "--max-batch", str(a.max_batch),
-                             "--batch-wait-ms", str(a.batch_wait_ms)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    cmd = ([sys.executable, __file__, "--echo-port", str(port), "--replicas", str(replicas)] if echo else
+           [sys.executable, "-m", "runtime.serve", "--model", a.model, "--port", str(port),
+            "--replicas", str(replicas), "--max-batch", str(a.max_batch), "--batch-wait-ms", str(a.batch_wait_ms)])
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while time.time() < deadline:
@@ -122,7 +141,13 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-wait-ms", type=float, default=5.0)
     ap.add_argument("--max-seconds", type=float, default=300, help="per load run")
     ap.add_argument("--out", default=None, help="write OUT.md and OUT.json")
+    ap.add_argument("--ceiling", action="store_true",
+                    help="also load a Ray Serve app that answers a constant (no decoding, no model): the "
+                         "engine's own limit on this machine")
+    ap.add_argument("--echo-port", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a.echo_port:
+        return echo_server(a.echo_port, a.replicas[0])
     import runtime
     images = [p.read_bytes() for p in sorted((REAL / "images").rglob("*.png"))]
     n = a.clients * a.requests
@@ -136,12 +161,15 @@ def main(argv=None) -> int:
              "seconds": round(serial_s, 2), "answers_per_s": round(n / serial_s, 1),
              "p50_ms": round(1000 * serial_s / n, 1), "p99_ms": None, "equal_to_serial": n, "mean_batch": 1}]
     print(f"serial: {rows[0]['answers_per_s']} answers/s", flush=True)
-    for replicas in a.replicas:
-        proc, url = start_server(a, replicas)
+    runs = [(r, False) for r in a.replicas] + ([(1, True)] if a.ceiling else [])
+    for replicas, echo in runs:
+        proc, url = start_server(a, replicas, echo)
+        what = "constant answer, no model (the engine's ceiling)" if echo else f"{a.clients} clients"
         try:
             load(url, jobs[:4 * a.clients], a.clients, 30)      # warm-up, not counted
-            row = {"setup": f"Ray Serve, {replicas} replica(s), {a.clients} clients", **load(url, jobs,
-                                                                                            a.clients, a.max_seconds)}
+            row = {"setup": f"Ray Serve, {replicas} replica(s), {what}", **load(url, jobs, a.clients, a.max_seconds)}
+            if echo:
+                row["equal_to_serial"] = "-"
         finally:
             proc.terminate()
             proc.wait(60)

@@ -2,11 +2,13 @@
 Each runner takes numpy feeds and returns {"logits", "gates", "route_logits"} as float32 arrays."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
@@ -72,7 +74,7 @@ class TensorRTRunner:
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "openvino", "cpu")
 
 
-def _candidates(path: Path, backend: str) -> list[tuple[str, object]]:
+def _candidates(path: Path, backend: str) -> list[tuple[str, Callable[[], Any]]]:
     """(description, factory) in the order auto tries them; one entry for an explicit backend."""
     engine = path / "model.engine" if path.is_dir() else (path if path.suffix in ENGINE_SUFFIXES else None)
     onnx_path = path / "model.onnx" if path.is_dir() else (path if path.suffix not in ENGINE_SUFFIXES else None)
@@ -101,7 +103,7 @@ def _candidates(path: Path, backend: str) -> list[tuple[str, object]]:
     if backend == "openvino":
         from .openvino_backend import OpenVINORunner
         return [("OpenVINO", lambda: OpenVINORunner(need_onnx(backend)))]
-    out = []
+    out: list[tuple[str, Callable[[], Any]]] = []
     if engine is not None:
         out.append(("TensorRT engine", lambda: TensorRTRunner(engine)))
     if onnx_path is not None:
@@ -114,7 +116,7 @@ def _candidates(path: Path, backend: str) -> list[tuple[str, object]]:
             log.info("runtime: auto left out %s", "; ".join(skipped))
         for choice in choices:
             if choice.key != "onnx-fp32":
-                out.append((choice.key, lambda c=choice: _runner_for(c, path)))
+                out.append((choice.key, functools.partial(_runner_for, choice, path)))
             else:
                 break                  # onnxruntime fp32 comes last anyway: the reference
         out.append(("onnxruntime CPU", lambda: OnnxRuntimeRunner(onnx_path, "cpu")))

@@ -42,7 +42,7 @@ def keep_signal_stack():
     try:
         yield
     finally:
-        if libc is not None:
+        if libc is not None and old is not None:
             import ctypes
             libc.sigaltstack(ctypes.byref(old), None)
 

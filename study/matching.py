@@ -108,6 +108,9 @@ def summarize_run(run: Path) -> dict:
                        ("query", lambda r: r.get("per_type", {}).get("query_attribute"))):
         hit = _first(rows, value)
         res[f"{key}_95"] = None if hit is None else {"samples": hit["samples"], "seconds": hit.get("train_seconds")}
+    for sub in {k for r in rows for k in r.get("per_subtype", {})}:
+        hit = _first(rows, lambda r, sub=sub: r.get("per_subtype", {}).get(sub))
+        res.setdefault("subtype_95", {})[sub] = None if hit is None else hit["samples"]
     res["curve"] = [{"samples": r["samples"], "seconds": r.get("train_seconds"), "overall": r["overall"],
                      **{t: v for t, v in r.get("per_type", {}).items()}} for r in rows]
     return res
@@ -133,12 +136,45 @@ def report(runs: list[Path], out: Path | None) -> str:
         lines.append(f"| {r['run']} | {_cell(r['overall_95'], r['last_samples'])} | {_cell(r['match_95'], r['last_samples'])}"
                      f" | {_cell(r['query_95'], r['last_samples'])} | {r['last_samples'] // 1000}k | "
                      f"{100 * r['last_overall']:.1f} | " + " | ".join(cells) + " |")
+    lines += ["", "Samples until 95% on val, per attribute: seen (query) and matched (match):", "",
+              "| run | " + " | ".join(f"{s} seen / matched" for s in subtypes[:4]) + " | pair matched |",
+              "|---" * 6 + "|"]
+    for r in results:
+        at = r.get("subtype_95", {})
+        k = lambda sub: "-" if at.get(sub) is None else f"{at[sub] // 1000}k"   # noqa: E731
+        lines.append(f"| {r['run']} | " + " | ".join(f"{k('query_' + s)} / {k('match_' + s)}" for s in subtypes[:4])
+                     + f" | {k('match_pair')} |")
     table = "\n".join(lines)
     if out:
         out.mkdir(parents=True, exist_ok=True)
         (out / "matching.json").write_text(json.dumps(results, indent=1))
         (out / "matching.md").write_text(table + "\n")
+        _plot(results, out / "matching_curves.png")
     return table
+
+
+def _plot(results: list[dict], path: Path) -> None:
+    """Match and query accuracy against samples, one line per run (needs matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, key, title in ((axes[0], "match", "match (is there a red thing?)"),
+                           (axes[1], "query_attribute", "query (what color is it?)")):
+        for r in results:
+            ax.plot([c["samples"] / 1e3 for c in r["curve"]], [c.get(key) for c in r["curve"]], marker=".", label=r["run"])
+        ax.axhline(TARGET, color="gray", lw=0.8, ls="--")
+        ax.set_title(title)
+        ax.set_xlabel("training samples (k)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("val accuracy")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:

@@ -106,3 +106,23 @@ def test_benchmark_times_every_row_and_writes_the_table(int8_export, tmp_path):
     assert all(not t["torch_imported"] for k, t in data["timed"].items() if k != "pytorch")
     for key in data["timed"]:
         assert f"| {key} |" in md
+
+
+def test_the_builtin_model_runs_its_fastest_passing_row_and_answers_as_fp32(real_sample):
+    from qgmrn.data.sources import load_clevr
+    from runtime.precision import MIN_JUDGED, rank, report_rows
+    card = json.loads((runtime.builtin_path().with_suffix(".json")).read_text())
+    rows = card["artefacts"]
+    assert rows["onnx-fp32"]["passed"] and all(r["samples"] >= MIN_JUDGED for r in rows.values())
+    for key, row in rows.items():                    # each row's verdict follows the rule it was judged by
+        if row["precision"] != "fp32":
+            assert row["passed"] == (row["gates_differ_outside_eps"] == 0 and row["top1_agreement_clean"] >= 0.99
+                                     and row["accuracy_drop"] <= 0.005 + 1e-12), key
+    model = runtime.load("builtin")
+    choices, _ = rank(*report_rows(runtime.builtin_path()))
+    assert model.path == choices[0].path or model._runner.fallbacks
+    fp32 = runtime.load("builtin", backend="cpu")
+    samples = load_clevr(real_sample, "train") + load_clevr(real_sample, "val")
+    images, questions = [s.image for s in samples], [s.question for s in samples]
+    same = np.mean([a == b for a, b in zip(model.answer_batch(images, questions), fp32.answer_batch(images, questions))])
+    assert same >= 0.99, f"auto ({model.backend}) agrees with fp32 on {100 * same:.1f}% of the real sample"
