@@ -336,3 +336,17 @@ def test_a_full_disk_stops_training_with_one_clear_message(tiny_data, tmp_path, 
     with pytest.raises(TrainingStopped, match=r"cannot write the checkpoint .* \(No space left on device\)") as e:
         train(tiny_train_config(tiny_data, tmp_path / "r", steps=2, save_every=1), **quiet)
     assert e.value.code == 1
+
+
+def test_a_data_folder_marked_read_only_gets_no_cache_even_for_root(tiny_data, tmp_path, monkeypatch):
+    """Root may write anywhere; a folder whose mode has no write bit (like ../shared/data) is still
+    left untouched: the cache goes under $QGMRN_CACHE."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data, ignore=shutil.ignore_patterns("qgmrn-cache"))
+    monkeypatch.setenv("QGMRN_CACHE", str(tmp_path / "home-cache"))
+    os.chmod(data, 0o555)
+    try:
+        assert str(default_cache_dir(data)).startswith(str(tmp_path / "home-cache" / "images"))
+    finally:
+        os.chmod(data, 0o755)
+    assert default_cache_dir(data) == data / "qgmrn-cache"

@@ -45,12 +45,21 @@ def _stamp(path: str) -> list[int]:
     return [st.st_size, st.st_mtime_ns]
 
 
+def _writable(path: Path) -> bool:
+    """Writable by this process, and not marked read-only: root may write anywhere, but a data
+    folder whose mode has no write bit (a shared, read-only copy) is left as it is."""
+    try:
+        return os.access(path, os.W_OK) and bool(path.stat().st_mode & 0o222)
+    except OSError:
+        return False
+
+
 def default_cache_dir(data_location: str | os.PathLike) -> Path:
     """DATA/qgmrn-cache (DATA: a CLEVR root, or the directory of a JSONL file) when it can be
     written; otherwise a per-source directory under $QGMRN_CACHE or ~/.cache/qgmrn/images."""
     data = Path(data_location).resolve()
     beside = data / DEFAULT_CACHE
-    if beside.is_dir() and os.access(beside, os.W_OK) or not beside.exists() and os.access(data, os.W_OK):
+    if beside.is_dir() and _writable(beside) or not beside.exists() and _writable(data):
         return beside
     base = Path(os.environ.get("QGMRN_CACHE", Path.home() / ".cache" / "qgmrn"))
     digest = hashlib.sha256(str(data).encode()).hexdigest()[:12]
