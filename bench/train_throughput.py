@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a chec
 
 from qgmrn.model import count_macs, count_parameters, create_model
 from qgmrn.routing import load_balancing_loss
-from qgmrn.train import cpu_has_amx_bf16
+from qgmrn.train import cpu_has_bf16
 
 DEFAULT_PRESETS = ["small", "brn-c8", "brn-c16", "brn-c32", "frn"]
 
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args(argv)
-    modes = [False, True] if a.device.startswith("cuda") or cpu_has_amx_bf16() else [False]
+    modes = [False, True] if a.device.startswith("cuda") or cpu_has_bf16() else [False]
     print(f"device {a.device} ({torch.cuda.get_device_name() if a.device.startswith('cuda') else f'{torch.get_num_threads()} threads'}), "
           f"batch {a.batch_size}, {a.steps} timed steps after {a.warmup} warm-up, torch {torch.__version__}")
     print(f"{'preset':<10}{'input':>6}{'params M':>10}{'GMACs':>8}{'mode':>7}{'samples/s':>11}{'peak MiB':>10}")

@@ -200,12 +200,12 @@ def test_evaluate_refuses_a_foreign_checkpoint(tmp_path, capsys):
 
 def test_defaults_pick_rate_and_precision():
     from qgmrn.config import get_config
-    from qgmrn.train import TrainConfig, cpu_has_amx_bf16, resolve_lr, training_precision
+    from qgmrn.train import TrainConfig, cpu_has_bf16, resolve_lr, training_precision
     assert resolve_lr(TrainConfig(), get_config("small")).lr == 1e-3                 # CPU-sized
     assert resolve_lr(TrainConfig(), get_config("brn-c32")).lr == 3e-4               # paper 4.2
     cpu_device = torch.device("cpu")
     assert training_precision(TrainConfig(precision="fp32"), cpu_device) is None
-    expected = torch.bfloat16 if cpu_has_amx_bf16() else None
+    expected = torch.bfloat16 if cpu_has_bf16() else None
     assert training_precision(TrainConfig(), cpu_device) is expected
     with pytest.raises(ValueError, match="precision"):
         training_precision(TrainConfig(precision="fp16"), cpu_device)

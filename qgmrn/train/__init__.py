@@ -33,7 +33,7 @@ from ..routing import load_balancing_loss
 from ..settings import SettingsError
 from .cli import parse_args
 from .data import resolve_data
-from .hardware import _all_sum, _dist_setup, cpu_has_amx_bf16, training_precision
+from .hardware import _all_sum, _dist_setup, cpu_has_amx_bf16, cpu_has_bf16, training_precision
 from .report import Reporter, write_atomic
 from .resume import (RunFolderLock, _finished_message, absolute_paths, check_out_dir, given_fields,
                      restore_config, trim_metrics)
@@ -42,7 +42,7 @@ from .schedule import lr_lambda, resolve_lr
 from .settings import TrainConfig, TrainingStopped, validate, validate_model_overrides
 
 __all__ = ["TrainConfig", "TrainingStopped", "train", "train_one_epoch", "main", "parse_args", "lr_lambda",
-           "resolve_lr", "cpu_has_amx_bf16", "training_precision"]
+           "resolve_lr", "cpu_has_amx_bf16", "cpu_has_bf16", "training_precision"]
 
 def validate_now(run: Run, reporter: Reporter, say, label: str) -> dict:
     """Stage 4: evaluate on the val split (rank 0), logged with samples and training seconds."""

@@ -34,7 +34,7 @@ class TrainConfig:
     curriculum_objects: int = 0              # > 0: first train on scenes with at most this many objects,
     curriculum_steps: int = 0                # then raise that limit linearly to the largest scene over
                                              # these steps (scenes from the CLEVR scenes file)
-    precision: str = "auto"                  # "auto": bf16 autocast on CUDA and on CPUs with AMX-BF16; "bf16", "fp32"
+    precision: str = "auto"                  # "auto": bf16 autocast on CUDA and on CPUs with bf16 hardware (AMX or AVX512-BF16); "bf16", "fp32"
                                              # (about 1.6x the samples/s there); "fp32": never
     cache_dir: str | None = None             # image cache; default beside the data, or ~/.cache/qgmrn
                                              # when the data directory is read-only
