@@ -198,7 +198,7 @@ def main(argv=None) -> int:
         return 0
     if not a.model:
         ap.error("give a checkpoint, a bundle, an .onnx or builtin")
-    from runtime.precision import cpu_signature
+    from qgmrn.cpu import cpu_signature
     cpu = cpu_signature()
     print(f"CPU: {cpu['model']} ({cpu['cores']} cores; bf16 {cpu['bf16']}, VNNI {cpu['vnni']}, AMX {cpu['amx']})")
     with tempfile.TemporaryDirectory(prefix="qgmrn-benchmark-") as tmp:

@@ -147,7 +147,7 @@ def export_checkpoint(checkpoint, out=None, fp16: bool = False, data_root=None, 
                   "samples": len(samples), "export_seconds": round(time.perf_counter() - t0, 2), **report}
         labels = answer_labels(samples, list(state["answers"]))
         rows = judge_rows(artefacts, batches, reference, model.cfg.layer_sizes, labels, log)
-        report["artefacts"] = _finish_rows(rows, artefacts, log)
+        report["artefacts"] = finish_rows(rows, artefacts, log)
         # weights no parity input reaches (an unknown word's embedding row, a bias of a path not
         # taken) would still answer wrongly later: every weight must be finite
         report["non_finite_weights"] = [name for name, t in model.state_dict().items()
@@ -192,14 +192,14 @@ def _write_artefacts(state, model, stage: Path, sha: str, fp16: bool, int8: bool
     return artefacts, fields
 
 
-def _finish_rows(rows: dict, artefacts: dict[str, Path], log) -> dict:
+def finish_rows(rows: dict, artefacts: dict[str, Path], log) -> dict:
     """File facts on the rows; a reduced-precision file that no row passed is removed (never
     published), and its rows say so."""
     for precision, path in artefacts.items():
         using = {k: r for k, r in rows.items() if r["file"] == path.name}
         keep = precision == "fp32" or any(r["passed"] for r in using.values())
         facts = {"bytes": path.stat().st_size, "sha256": file_sha256(path)} if path.exists() else {}
-        if precision == "fp32" or path.suffix == ".onnx" and keep:
+        if keep:
             facts["routing_precision"] = routing_precision_report(onnx.load(str(path)))
         for r in using.values():
             r.update(facts, published=keep)

@@ -8,12 +8,13 @@ judged by their answers (export/parity.py ANSWERS_RULE).
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
 import numpy as np
 
-from runtime.precision import cpu_signature
+from qgmrn.cpu import cpu_signature
 
 from .parity import TOLERANCES, compare, run_backend
 
@@ -65,13 +66,11 @@ def judge_rows(artefacts: dict[str, Path], batches, reference: dict, layer_sizes
     precision's rule), file, backend, and batch-1/8 latency where it could run."""
     cpu = cpu_signature()
     keys = [k for k, (art, engine, _) in ROWS.items() if art in artefacts and engine == "onnxruntime"]
-    keys += [k for k in openvino_rows(cpu)] + (["openvino-int8"] if "int8" in artefacts and openvino_rows(cpu) else [])
+    ov = openvino_rows(cpu)
+    keys += ov + (["openvino-int8"] if "int8" in artefacts and ov else [])
     rows: dict = {}
-    if any(k.startswith("openvino") for k in keys):
-        from runtime.openvino_backend import keep_signal_stack
-        with keep_signal_stack():
-            _judge(keys, rows, artefacts, batches, reference, layer_sizes, labels, log, time_rows, cpu)
-    else:
+    from runtime.openvino_backend import keep_signal_stack     # no openvino import: ctypes only
+    with keep_signal_stack() if ov else contextlib.nullcontext():
         _judge(keys, rows, artefacts, batches, reference, layer_sizes, labels, log, time_rows, cpu)
     return rows
 

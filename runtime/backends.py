@@ -3,7 +3,6 @@ Each runner takes numpy feeds and returns {"logits", "gates", "route_logits"} as
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -116,7 +115,7 @@ def _candidates(path: Path, backend: str) -> list[tuple[str, Callable[[], Any]]]
             log.info("runtime: auto left out %s", "; ".join(skipped))
         for choice in choices:
             if choice.key != "onnx-fp32":
-                out.append((choice.key, functools.partial(_runner_for, choice, path)))
+                out.append((choice.key, functools.partial(_runner_for, choice)))
             else:
                 break                  # onnxruntime fp32 comes last anyway: the reference
         out.append(("onnxruntime CPU", lambda: OnnxRuntimeRunner(onnx_path, "cpu")))
@@ -132,10 +131,9 @@ def runner_for(engine: str, precision: str, path: Path, check_weights: bool = Tr
     return OnnxRuntimeRunner(path, "cpu", check_weights=check_weights)
 
 
-def _runner_for(choice: Choice, path: Path):
+def _runner_for(choice: Choice):
     """A reduced-precision (or OpenVINO) row of the parity report, checked to be the proven file."""
-    rows, _ = report_rows(path)
-    check_sha(choice.path, rows[choice.key])
+    check_sha(choice.path, choice.sha256)
     runner = runner_for(choice.engine, choice.precision, choice.path)
     runner.name += f" [{choice.key}]"
     runner.source = choice.path
@@ -156,15 +154,8 @@ def check_bundle(directory: Path, onnx_path: Path | None) -> None:
     if report.get("passed") is False:
         raise ModelError(f"{directory}: its parity.json says this export failed its parity check; "
                          "it answers unlike the checkpoint and is not used")
-    expected = ((report.get("artefacts") or {}).get("onnx-fp32") or {}).get("sha256")
-    if expected and onnx_path is not None:
-        digest = hashlib.sha256()
-        with open(onnx_path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        if digest.hexdigest() != expected:
-            raise ModelError(f"{onnx_path} is not the file its parity.json proved (sha256 differs): it was "
-                             "altered or corrupted; re-export the checkpoint")
+    if onnx_path is not None:
+        check_sha(onnx_path, ((report.get("artefacts") or {}).get("onnx-fp32") or {}).get("sha256"))
 
 
 def _require_gpu(runner):

@@ -14,9 +14,10 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from qgmrn.cpu import cpu_signature
 
 from .errors import ModelError
 
@@ -35,19 +36,7 @@ class Choice:
     precision: str                # the visual path's precision: fp32, fp16, bf16, int8
     path: Path                    # the .onnx file it runs
     reason: str                   # why auto chose it, for the log and model.backend_reason
-
-
-def cpu_signature() -> dict:
-    """This CPU's model name, core count and the features reduced precisions need (Linux; empty
-    where /proc/cpuinfo is not there)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return {"model": None, "cores": os.cpu_count(), "bf16": False, "vnni": False, "amx": False}
-    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), None)
-    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
-    return {"model": name, "cores": os.cpu_count(), "bf16": bool({"avx512_bf16", "amx_bf16"} & flags),
-            "vnni": bool({"avx512_vnni", "avx_vnni", "amx_int8"} & flags), "amx": "amx_bf16" in flags}
+    sha256: str | None = None     # the file parity proved
 
 
 def report_rows(path: Path) -> tuple[dict, Path]:
@@ -114,7 +103,7 @@ def rank(rows: dict, folder: Path, here: dict | None = None) -> tuple[list[Choic
         reason = (f"{key}: passed parity on {n} questions"
                   + (f" (top-1 {100 * agree:.2f}% vs PyTorch, gates identical)" if agree is not None else "")
                   + f"; {speed}")
-        choices.append(Choice(key, row["engine"], row["precision"], folder / row["file"], reason))
+        choices.append(Choice(key, row["engine"], row["precision"], folder / row["file"], reason, row.get("sha256")))
     return choices, skipped
 
 
@@ -122,8 +111,8 @@ def _same_cpu(recorded, here: dict) -> bool:
     return isinstance(recorded, dict) and recorded.get("model") == here["model"] and recorded.get("cores") == here["cores"]
 
 
-def check_sha(path: Path, row: dict) -> None:
-    expected = row.get("sha256")
+def check_sha(path: Path, expected: str | None) -> None:
+    """Refuse a file that is not the one its parity report proved (altered or corrupt)."""
     if not expected:
         return
     digest = hashlib.sha256()

@@ -32,7 +32,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dest", default=str(REPO / "runtime" / "models"))
     ap.add_argument("--calib", type=int, default=256)
     a = ap.parse_args(argv)
-    from export.onnx_export import file_sha256, read_metadata
+    from export.bundle import finish_rows
+    from export.onnx_export import read_metadata
     from export.parity import answer_labels, make_batches, run_onnxruntime
     from export.precision import judge_rows
     from export.quantize import calibration_batches, quantize_int8
@@ -63,12 +64,8 @@ def main(argv=None) -> int:
         reference = run_onnxruntime(fp32, batches)
         rows = judge_rows({"fp32": fp32, "int8": int8}, batches, reference, meta["layer_sizes"],
                           answer_labels(samples, list(meta["answers"])), log=print)
-        kept = any(r["passed"] for r in rows.values() if r["file"] == int8.name)
-        for r in rows.values():
-            path = fp32 if r["file"] == fp32.name else int8
-            r.update(bytes=path.stat().st_size, sha256=file_sha256(path),
-                     published=r["file"] == fp32.name or kept,
-                     advisory=not (r["engine"] == "onnxruntime" and r["precision"] == "fp32"))
+        rows = finish_rows(rows, {"fp32": fp32, "int8": int8}, log=print)   # removes int8 if no row passed it
+        kept = int8.exists()
         if kept:
             shutil.copyfile(int8, dest / "builtin.int8.onnx")
         else:

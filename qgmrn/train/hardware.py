@@ -3,25 +3,17 @@ distributed set-up (torchrun)."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from ..cpu import BF16_FLAGS, cpu_info
 from .settings import TrainConfig
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    return set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
 
 
 def cpu_has_amx_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 matrices with Intel AMX tiles."""
-    return "amx_bf16" in _cpu_flags()
+    return "amx_bf16" in cpu_info()[1]
 
 
 def cpu_has_bf16() -> bool:
@@ -30,7 +22,7 @@ def cpu_has_bf16() -> bool:
     (bench/train_throughput.py), 1.48x with AVX512-BF16 on a 2-core AMD EPYC at equal accuracy
     (issue 19's rows: small-frn on 5,000 renders, 256k samples, 55.4% vs 54.4%). Without it,
     bf16 autocast on a CPU is slower than float32."""
-    return bool({"amx_bf16", "avx512_bf16"} & _cpu_flags())
+    return bool(BF16_FLAGS & cpu_info()[1])
 
 
 def training_precision(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
