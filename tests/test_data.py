@@ -92,6 +92,27 @@ def test_generated_programs_give_their_answers_and_every_family_appears(generate
                                           "compare_attribute"}
 
 
+def test_generated_questions_speak_real_clevrs_words(real_sample):
+    """A model trained on generated questions reads real CLEVR's: every word of the real sample's
+    questions (synonyms such as big/tiny/matte, "on the left side of", "either ... or", "its")
+    is one the generator writes, asked of the same scenes."""
+    import random
+    from qgmrn.data.questions import AnswerBalancer, make_questions
+    scenes = [s for split in ("train", "val")
+              for s in json.loads((real_sample / f"scenes/CLEVR_{split}_scenes.json").read_text())["scenes"]]
+    rng = random.Random(0)
+    balancer, generated = AnswerBalancer(rng), []
+    for k in range(20):                                      # the sample has only a few dozen scenes
+        for i, scene in enumerate(scenes):
+            for q in make_questions(scene, 10, rng, balancer, first_family=(i + k) % len(FAMILIES)):
+                assert execute(q["program"], scene) == q["answer"]
+                generated.append(q["question"])
+    vocab = Vocab.build(generated)
+    real = load_clevr(real_sample, "train") + load_clevr(real_sample, "val")
+    unknown = {w for s in real for w in vocab.encode(s.question)[1]}
+    assert len(real) == 340 and not unknown, sorted(unknown)
+
+
 def test_generated_layout_matches_clevr(generated):
     scene = json.loads((generated / "scenes/CLEVR_train_scenes.json").read_text())["scenes"][3]
     assert scene["image_filename"] == "CLEVR_train_000003.png"

@@ -149,3 +149,17 @@ def test_rerun_with_other_settings_or_into_a_foreign_dataset_is_refused(tmp_path
     assert generate_main(["--out", str(foreign), "--images", "2", "--questions", "2"]) == 0
     assert generate_main(["--out", str(foreign), "--images", "1", *TINY]) == 1
     assert "did not start" in capsys.readouterr().err
+
+
+@needs_bpy
+def test_rerun_with_more_questions_rewrites_them_without_rendering_again(tmp_path, capsys):
+    out = tmp_path / "d"
+    assert generate_main(["--out", str(out), "--images", "2", "--val-images", "1", *TINY]) == 0
+    images = {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")}
+    capsys.readouterr()
+    more = [*TINY[:-1], "7"]                                 # --questions 7 instead of 3
+    assert generate_main(["--out", str(out), "--images", "2", "--val-images", "1", *more]) == 0
+    assert "rendering" not in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")} == images
+    questions = json.loads((out / "questions" / "CLEVR_train_questions.json").read_text())
+    assert len(questions["questions"]) == 14 and questions["info"]["questions_per_image"] == 7
