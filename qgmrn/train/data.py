@@ -25,8 +25,11 @@ def question_limit(samples) -> int:
 
 
 def default_data_dir(images: int) -> Path:
+    """Where the default run keeps its generated data; the name changes with the question
+    generator's language, so data written by an older generator is never reused."""
+    from ..data.questions import QUESTION_LANGUAGE
     base = Path(os.environ.get("QGMRN_CACHE", Path.home() / ".cache" / "qgmrn"))
-    return base / f"clevr-generated-v3-{images}"
+    return base / f"clevr-generated-v{QUESTION_LANGUAGE + 2}-{images}"
 
 
 # -- data ------------------------------------------------------------------------------------
