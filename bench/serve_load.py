@@ -36,13 +36,8 @@ QUESTIONS = ["How many cubes are there?", "What color is the large sphere?", "Is
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+    from qgmrn.cpu import cpu_info
+    return cpu_info()[0] or platform.processor() or "unknown CPU"
 
 
 def multipart(image: bytes, question: str) -> tuple[bytes, str]:
