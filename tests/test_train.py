@@ -35,6 +35,23 @@ def _weights(path):
     return torch.load(path, weights_only=True)["model"]
 
 
+def test_without_data_it_generates_its_dataset_once_and_trains(tmp_path, monkeypatch):
+    """The default run (no --data-root, no --jsonl): the built-in dataset is generated into
+    $QGMRN_CACHE the first time, in the generator's current question language, and reused."""
+    from qgmrn.train.data import default_data_dir
+    monkeypatch.setenv("QGMRN_CACHE", str(tmp_path / "cache"))
+    said = []
+    train(tiny_train_config(None, tmp_path / "run", steps=2, generate_images=6), log=said.append)
+    root = default_data_dir(6)
+    assert root.parent == tmp_path / "cache" and (root / "questions" / "CLEVR_val_questions.json").exists()
+    info = json.loads((root / "questions" / "CLEVR_train_questions.json").read_text())["info"]
+    assert info["question_language"] >= 2 and (tmp_path / "run" / "ckpt.pt").exists()
+    assert any("generating" in str(m) for m in said)
+    said.clear()
+    train(tiny_train_config(None, tmp_path / "run2", steps=2, generate_images=6), log=said.append)
+    assert not any("generating" in str(m) for m in said)
+
+
 def test_resume_continues_exactly(tiny_data, tmp_path):
     """N + M steps == N steps, a resume, M steps (same weights, same data order)."""
     straight, split = tmp_path / "straight", tmp_path / "split"

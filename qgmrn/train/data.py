@@ -48,7 +48,7 @@ def resolve_data(cfg: TrainConfig, main_rank: bool, say) -> Data:
         root = default_data_dir(cfg.generate_images)
         if not (root / "questions" / "CLEVR_val_questions.json").exists():
             if main_rank:
-                from .data.generate import generate
+                from ..data.generate import generate
                 say(f"generating the built-in CLEVR-style dataset into {root} (once)")
                 generate(root, cfg.generate_images, max(1, cfg.generate_images // 6), 10, seed=0, log=say)
             if dist.is_initialized():
