@@ -4,9 +4,9 @@ write them into its card, so that `auto` can run the fastest one that passed (is
     python study/builtin_rows.py [--dest runtime/models] [--calib 256] [--data-root DIR]
 
 The built-in model's checkpoint is not kept in the repository, so the reference is its fp32 ONNX
-graph, which export proved against PyTorch (card["parity"]: max |logit diff| 9.2e-5, top-1 100%,
-gates identical on 400 questions). Inputs: all 340 questions of the real CLEVR sample plus 100
-generated val questions (seed 5151): 440, above the 400 auto requires. int8 is calibrated on the
+graph, which export proved against PyTorch (card["parity"], whose figures the card's
+artefacts_reference repeats). Inputs: all 340 questions of the real CLEVR sample plus 100 more
+(see below): 440, above the 400 auto requires. int8 is calibrated on the
 model's own training images: with --data-root (the dataset it trained on, e.g. Blender renders)
 its first training images, and the 100 generated questions are that dataset's first 100 val
 questions; without it the Pillow generator, which is seeded per chunk of 50 images, so generating
