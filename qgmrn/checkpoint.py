@@ -25,7 +25,7 @@ def save_checkpoint(path: str | os.PathLike, *, model: QGMRN, vocab: list[str], 
                     max_question_len: int, train_config: dict | None = None, optimizer=None,
                     scheduler=None, step: int = 0, epoch: int = 0, metrics: dict | None = None,
                     rng: dict | None = None, train_seconds: float = 0.0,
-                    total_steps: int | None = None) -> Path:
+                    total_steps: int | None = None, supervision: dict | None = None) -> Path:
     """Write to a temporary file in the same directory, fsync, then rename over `path`:
     a crash mid-save never destroys the last good checkpoint."""
     path = Path(path)
@@ -42,6 +42,8 @@ def save_checkpoint(path: str | os.PathLike, *, model: QGMRN, vocab: list[str], 
     }
     if total_steps is not None:
         state["total_steps"] = int(total_steps)
+    if supervision is not None:              # training-only heads (qgmrn.train.supervision): never exported
+        state["supervision"] = {k: v.detach().cpu() for k, v in supervision.items()}
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())          # mkstemp makes it 0600; a run's files share one mode

@@ -96,3 +96,38 @@ def _step(fn, args, vals, objs, rel):
     if fn == "greater_than":
         return args[0] > args[1]
     raise ProgramError(f"unknown CLEVR function {fn!r}")
+
+
+# Functions whose output is a set of objects (a list of indices) or one object (an index).
+_SET_FUNCTIONS = ("scene", "relate", "union", "intersect")
+
+
+def _outputs_objects(fn: str) -> bool:
+    return fn in _SET_FUNCTIONS or fn == "unique" or fn.startswith(("filter_", "same_"))
+
+
+def pointed_objects(program: list[dict], scene: dict) -> tuple[list[int], object]:
+    """(the objects the question points at, the program's answer): the object sets that the last
+    object-valued steps hand on to the answer — the object queried, the objects counted or tested
+    for existence, the two sets or objects compared. Raises ProgramError (or KeyError, IndexError,
+    TypeError on a malformed program) when the program cannot run on the scene."""
+    objs, rel = scene["objects"], scene["relationships"]
+    outs: list = []
+    for node in program:
+        fn, args = _fn(node), [outs[i] for i in node.get("inputs", [])]
+        outs.append(_step(fn, args, node.get("value_inputs", node.get("side_inputs", [])), objs, rel))
+
+    pointed: set[int] = set()
+
+    def collect(i: int) -> None:
+        fn, out = _fn(program[i]), outs[i]
+        if _outputs_objects(fn):
+            pointed.update(out if isinstance(out, list) else [out])
+        else:                                  # a count, an attribute, a yes/no: look at what it read
+            for j in program[i].get("inputs", []):
+                collect(j)
+
+    for j in program[-1].get("inputs", []):
+        collect(j)
+    answer = outs[-1]
+    return sorted(pointed), ("yes" if answer else "no") if isinstance(answer, bool) else str(answer)

@@ -74,21 +74,23 @@ def train_one_epoch(run: Run, reporter: Reporter, save, stop: dict, noise: torch
     """Stage 3: steps until the epoch (or curriculum chunk) ends, the run ends, or a signal."""
     cfg, mcfg = run.cfg, run.model.cfg
     loader, in_curriculum = batches_from(run)
-    acc = torch.zeros(5, dtype=torch.float64, device=run.device)   # loss*n, correct, n, exec*n, load*n
+    # loss*n, correct, n, exec*n, load*n, scene*n, where*n
+    acc = torch.zeros(7, dtype=torch.float64, device=run.device)
     t0 = mark = time.perf_counter()
     run.ddp.train()
-    for image, tokens, lengths, labels in loader:
+    for image, tokens, lengths, labels, *targets in loader:
         # Noise seeded per step and rank: a resumed run draws exactly the same gates.
         noise.manual_seed((cfg.seed * 1_000_003 + run.step) * 64 + run.rank)
         image, tokens, lengths, labels = (image.to(run.device, non_blocking=True), tokens.to(run.device),
                                           lengths.to(run.device), labels.to(run.device))
+        target = targets[0].to(run.device) if targets else None
         if run.channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device_type=run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
-            output = run.ddp(image, tokens, lengths)
+            output, aux = run.ddp(image, tokens, lengths, target)
             vqa = F.cross_entropy(output.logits.float(), labels)
             lb = load_balancing_loss(output.gates.float(), mcfg.layer_sizes)
-            loss = vqa + cfg.load_weight * lb
+            loss = vqa + cfg.load_weight * lb + cfg.scene_weight * aux.scene + cfg.where_weight * aux.where
         # One host sync per step: the non-finite check must precede the update, and every
         # rank must agree on stopping. Metrics accumulate on the device.
         nonfinite, stopping = _all_sum(torch.stack([
@@ -108,7 +110,8 @@ def train_one_epoch(run: Run, reporter: Reporter, save, stop: dict, noise: torch
         with torch.no_grad():
             acc += torch.stack([loss.detach().float() * n, (output.logits.argmax(1) == labels).sum().float(),
                                 loss.new_tensor(float(n)), output.gates.float().sum() / sum(mcfg.layer_sizes),
-                                lb.detach().float() * n]).double()
+                                lb.detach().float() * n, aux.scene.detach().float() * n,
+                                aux.where.detach().float() * n]).double()
         rec = None
         if run.step % cfg.log_every == 0 or run.step == run.total:
             tot = _all_sum(acc.clone()).tolist()
@@ -116,6 +119,8 @@ def train_one_epoch(run: Run, reporter: Reporter, save, stop: dict, noise: torch
             rec = {"step": run.step, "epoch": run.step / run.per_epoch, "loss": tot[0] / tot[2],
                    "acc": tot[1] / tot[2], "exec_ratio": tot[3] / tot[2], "load_loss": tot[4] / tot[2],
                    "lr": run.scheduler.get_last_lr()[0], "samples_per_s": tot[2] / (now - t0)}
+            if run.heads is not None:
+                rec.update(scene_loss=tot[5] / tot[2], where_loss=tot[6] / tot[2])
             acc.zero_()
             t0 = now
         run.train_seconds += time.perf_counter() - mark
@@ -278,7 +283,8 @@ def checkpoint_writer(run: Run, ckpt_path: Path):
                             max_question_len=run.max_len, train_config=dataclasses.asdict(run.cfg),
                             optimizer=run.optimizer, scheduler=run.scheduler, step=run.step,
                             epoch=run.step // run.per_epoch, metrics=metrics or {},
-                            train_seconds=run.train_seconds, total_steps=run.total)
+                            train_seconds=run.train_seconds, total_steps=run.total,
+                            supervision=run.heads.state_dict() if run.heads is not None else None)
         except OSError as e:
             raise TrainingStopped(f"cannot write the checkpoint {ckpt_path} ({e.strerror or e}); "
                                   "the last good one is kept. Free space or choose another --out", 1) from e

@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from ..data.prepare import cache_name, default_cache_dir
 from ..data.sources import DataError, load_clevr, load_humans, load_jsonl
+from ..data.supervision import SceneTargets, load_scene_targets
 from ..preprocess import UNK_ID, Vocab, tokenize
 from .settings import TrainConfig
 
@@ -40,6 +41,7 @@ class Data:
     val: list
     cache_dir: Path | None
     names: tuple[str, str]                   # cache names of the train and val images
+    targets: SceneTargets | None = None      # the training split's scene/program targets, when asked
 
 
 def resolve_data(cfg: TrainConfig, main_rank: bool, say) -> Data:
@@ -71,7 +73,14 @@ def resolve_data(cfg: TrainConfig, main_rank: bool, say) -> Data:
     if not train_s or not val_s:
         raise DataError("the training and validation splits must each hold at least one question")
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(where)
-    return Data(cfg, train_s, val_s, cache_dir, names)
+    targets = None
+    if cfg.scene_weight or cfg.where_weight:
+        targets = load_scene_targets(cfg.data_root, "train", len(train_s))
+        say(f"supervision: {targets.summary()}")
+        if cfg.where_weight and not targets.where_ok.any():
+            raise DataError(f"where_weight needs questions with programs that run on their scenes; none of "
+                            f"the {len(train_s)} training questions has one")
+    return Data(cfg, train_s, val_s, cache_dir, names, targets)
 
 
 def warn_about_val(val, vocab: Vocab, answers: list[str], say) -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import load_checkpoint, model_from_checkpoint
+from ..checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from ..config import get_config
 from ..data.datasets import VQADataset
 from ..data.prepare import open_cache
@@ -19,6 +19,7 @@ from .data import Data, question_limit, warn_about_val
 from .hardware import training_precision
 from .schedule import Curriculum, build_curriculum, lr_lambda, resolve_lr
 from .settings import TrainConfig
+from .supervision import SupervisionHeads, TrainingForward, build_heads
 
 
 # -- the run -------------------------------------------------------------------------------------
@@ -27,7 +28,8 @@ class Run:
     """Everything one training run holds; the stages below read and advance it."""
     cfg: TrainConfig
     model: QGMRN
-    ddp: torch.nn.Module
+    heads: "SupervisionHeads | None"           # training-only scene/where heads (None: the paper's loss)
+    ddp: torch.nn.Module                        # TrainingForward(model, heads), DDP-wrapped when distributed
     optimizer: torch.optim.Optimizer
     scheduler: object
     vocab: Vocab
@@ -97,7 +99,7 @@ def build_or_restore(cfg: TrainConfig, data: Data, resume_state, init_from, mode
             dist.barrier()
             cache = cache or open_cache(data.cache_dir, name, size, images, build=False)
         caches.append(cache)
-    train_ds = VQADataset(train_samples, vocab, answers, size, caches[0])
+    train_ds = VQADataset(train_samples, vocab, answers, size, caches[0], data.targets)
     val_subset, skipped = within_limit(data.val[:cfg.max_val] if cfg.max_val else data.val, max_len)
     if skipped and rank == 0:
         say(f"val: {skipped} questions longer than the model's {max_len} tokens are skipped (as evaluate does)")
@@ -105,21 +107,28 @@ def build_or_restore(cfg: TrainConfig, data: Data, resume_state, init_from, mode
     if rank == 0:
         warn_about_val(val_subset, vocab, answers, say)
 
+    heads = build_heads(model.visual.out_channels, cfg.scene_weight, cfg.where_weight)
+    if resume_state is not None and heads is not None:
+        try:
+            heads.load_state_dict(resume_state["supervision"])
+        except (KeyError, RuntimeError) as e:
+            raise CheckpointError(f"the checkpoint's scene/where heads are missing or do not fit: {e}") from e
     model.to(device)
     amp_dtype = training_precision(cfg, device)
     channels_last = device.type == "cuda" or amp_dtype is not None     # faster for both there
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     per_epoch, total = planned_steps(cfg, len(train_ds), world)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+    trainer = TrainingForward(model, heads, cfg.scene_gates).to(device)
+    optimizer = torch.optim.Adam(trainer.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total))
     step, seconds = 0, 0.0
     if resume_state is not None:
         optimizer.load_state_dict(resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
         step, seconds = resume_state["step"], float(resume_state.get("train_seconds", 0.0))
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if dist.is_initialized() else model
-    return Run(cfg, model, ddp, optimizer, scheduler, vocab, answers, max_len, train_ds, val_ds,
+    ddp = torch.nn.parallel.DistributedDataParallel(trainer) if dist.is_initialized() else trainer
+    return Run(cfg, model, heads, ddp, optimizer, scheduler, vocab, answers, max_len, train_ds, val_ds,
                build_curriculum(cfg, train_samples), device, amp_dtype, channels_last, rank, world,
                per_epoch, total, step, seconds)
 

@@ -2,6 +2,7 @@
 starts, and the model overrides a run may carry."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..config import ModelConfig, get_config
@@ -22,6 +23,12 @@ class TrainConfig:
     warmup_start_lr: float = 3e-6
     anneal_steps: int = 0                    # > 0: the last this many steps decay the lr linearly to 0
     load_weight: float = 0.01                # lambda of the load-balancing loss (eq. 13)
+    scene_weight: float = 0.0                # training only: objects' attributes and presence on the
+                                             # final map, from the scene records (0: the paper's loss)
+    where_weight: float = 0.0                # training only: the cells of the objects the question's
+                                             # program points at, on the gated final map
+    scene_gates: str = "question"            # the scene loss reads the map under the question's gates,
+                                             # or with every module "open" (a second visual pass)
     seed: int = 0
     out: str = "runs/qgmrn"
     save_every: int = 500                    # steps between checkpoints
@@ -64,8 +71,16 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise SettingsError("give a positive number of epochs or steps")
     if cfg.lr is not None and not (0.0 < cfg.lr < 10.0):
         raise SettingsError(f"lr must lie in (0, 10), got {cfg.lr}")
-    if not cfg.load_weight >= 0.0:
-        raise SettingsError(f"load_weight must not be negative, got {cfg.load_weight}")
+    for name in ("load_weight", "scene_weight", "where_weight"):
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and value >= 0.0):
+            raise SettingsError(f"{name} must be a finite number, not negative, got {value}")
+    if cfg.scene_gates not in ("question", "open"):
+        raise SettingsError(f"scene_gates must be 'question' or 'open', got {cfg.scene_gates!r}")
+    if (cfg.scene_weight or cfg.where_weight) and (cfg.jsonl or cfg.humans):
+        raise SettingsError("scene_weight and where_weight need CLEVR scene records and programs "
+                            "(--data-root in CLEVR layout, or the built-in data); "
+                            f"{'--jsonl' if cfg.jsonl else '--humans'} data has none")
     if cfg.generate_images < 6:
         raise SettingsError(f"generate_images must be at least 6, got {cfg.generate_images}")
     if cfg.precision not in ("auto", "fp32", "bf16"):
