@@ -37,6 +37,17 @@ CANDIDATES: dict[str, tuple[str, list[str]]] = {
     "attn-wide-c16": ("small+attn", ["lr=3e-4", "attn_dim=128", "attn_layers=2", "cardinality=16",
                                      "stage_depths=2,2,2,2"]),
     "plain-128px": ("small", ["image_size=128", "stem_kernel=7", "stem_pool=true"]),
+    # Issue 28: learning from the scene and the program (training only), against the current recipe's
+    # model (small-frn, bf16 where the CPU has it, lr 1e-3). Weights: scene 0.5, where 1.
+    "frn": ("small-frn", []),
+    "frn-scene": ("small-frn", ["scene_weight=0.5"]),
+    "frn-where": ("small-frn", ["where_weight=1"]),
+    "frn-both": ("small-frn", ["scene_weight=0.5", "where_weight=1"]),
+    "frn-both-open": ("small-frn", ["scene_weight=0.5", "where_weight=1", "scene_gates=open"]),
+    "frn-both-attn": ("small-frn+attn", ["scene_weight=0.5", "where_weight=1"]),
+    "frn-attn": ("small-frn+attn", []),
+    "brn": ("small", []),
+    "brn-both": ("small", ["scene_weight=0.5", "where_weight=1"]),
 }
 TYPES = ("count", "exist", "compare_numbers", "query_attribute", "compare_attribute")
 QUERY = ("query_color", "query_shape", "query_size", "query_material")
