@@ -1,6 +1,7 @@
 """Small file helpers shared by training, data preparation and export (no torch here)."""
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import shutil
@@ -33,6 +34,25 @@ class Busy(RuntimeError):
     """Another process holds the lock; the message names it."""
 
 
+def open_no_link(path: Path, flags: int, mode: int = 0o644) -> int:
+    """os.open that never follows a symbolic link at `path`: a link planted there (to make us
+    overwrite its target) is removed and the file made afresh. Lock and pid files are ours."""
+    while True:
+        try:
+            return os.open(path, flags | os.O_NOFOLLOW, mode)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            os.unlink(path)                      # a symlink: never a file we wrote
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a small file of ours (a pid file) without following a symlink planted at `path`."""
+    fd = open_no_link(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
 class FileLock:
     """An exclusive, non-blocking lock on `path` (flock: the kernel frees it when its holder dies),
     holding the holder's pid and host for whoever finds it taken. The file goes when released."""
@@ -40,7 +60,7 @@ class FileLock:
     def __init__(self, path: Path, what: str):
         self.path = Path(path)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = open_no_link(self.path, os.O_RDWR | os.O_CREAT)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

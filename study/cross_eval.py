@@ -30,7 +30,8 @@ def load_run(run: Path):
     if (run / "film.pt").exists():
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from film import FiLM
-        state = torch.load(run / "film.pt", map_location="cpu", weights_only=False)
+        # weights only: a run folder from someone else must not run code when it is read
+        state = torch.load(run / "film.pt", map_location="cpu", weights_only=True)
         model = FiLM(len(state["vocab"]), len(state["answers"]), state["width"])
         model.load_state_dict(state["film"])
         model.eval()

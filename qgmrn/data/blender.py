@@ -335,16 +335,19 @@ class BlenderRenderer:
         s.view_settings.view_transform = "Raw"
         view.material_override = self._flat
         self.ground.visible_camera = False
-        tmp = Path(tempfile.gettempdir()) / f"{os.getpid()}.visibility.png"
-        try:
-            self._render_to(str(tmp), 0)
-            red = np.asarray(Image.open(tmp).convert("RGB"))[..., 0].astype(np.int32)
-        finally:
-            tmp.unlink(missing_ok=True)
-            view.material_override = None
-            self.ground.visible_camera = True
-            (s.cycles.samples, s.cycles.use_denoising, s.cycles.max_bounces, s.cycles.filter_width,
-             s.view_settings.view_transform) = saved
+        # A private directory (mode 0700, a fresh name): a predictable path in the shared temp
+        # folder lets a planted symlink redirect the render onto another file.
+        with tempfile.TemporaryDirectory(prefix="qgmrn-visibility-") as private:
+            tmp = Path(private) / "visibility.png"
+            try:
+                self._render_to(str(tmp), 0)
+                with Image.open(tmp) as im:
+                    red = np.asarray(im.convert("RGB"))[..., 0].astype(np.int32)
+            finally:
+                view.material_override = None
+                self.ground.visible_camera = True
+                (s.cycles.samples, s.cycles.use_denoising, s.cycles.max_bounces, s.cycles.filter_width,
+                 s.view_settings.view_transform) = saved
         label = np.rint(red / 20.0).astype(np.int32)            # 0: background, k + 1: object k
         counts = np.bincount(label.ravel(), minlength=n + 2)
         return [int(c) for c in counts[1:n + 1]]

@@ -178,24 +178,22 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None, resume: str | N
     main_rank = rank == 0
     say = log if main_rank else (lambda *a, **k: None)
     out = Path(cfg.out)
-    if main_rank:
-        check_out_dir(out, resume_state is not None, overwrite)
-    torch.manual_seed(cfg.seed)
-
-    data = resolve_data(cfg, main_rank, say)
-    if resume_state is not None:
-        total = planned_steps(data.cfg, len(data.train), world)[1]
-        if resume_state["step"] >= total:
-            say(_finished_message(resume_state, out))          # nothing to do: nothing is touched
-            return dict(resume_state.get("metrics") or {})
-        say(f"resumed from {resume} at step {resume_state['step']} of {total}")
-    run = build_or_restore(data.cfg, data, resume_state, init_from, model_overrides, device, rank, world, say)
-    say(describe(run, "from checkpoint" if init_from or resume_state is not None else run.cfg.preset))
-    lock = None
-    if main_rank:
-        out.mkdir(parents=True, exist_ok=True)
-        lock = RunFolderLock(out)
+    # --overwrite locks the folder before it removes the run there (a live run is refused first)
+    lock = check_out_dir(out, resume_state is not None, overwrite) if main_rank else None
     try:
+        torch.manual_seed(cfg.seed)
+        data = resolve_data(cfg, main_rank, say)
+        if resume_state is not None:
+            total = planned_steps(data.cfg, len(data.train), world)[1]
+            if resume_state["step"] >= total:
+                say(_finished_message(resume_state, out))          # nothing to do: nothing is touched
+                return dict(resume_state.get("metrics") or {})
+            say(f"resumed from {resume} at step {resume_state['step']} of {total}")
+        run = build_or_restore(data.cfg, data, resume_state, init_from, model_overrides, device, rank, world, say)
+        say(describe(run, "from checkpoint" if init_from or resume_state is not None else run.cfg.preset))
+        if main_rank and lock is None:
+            out.mkdir(parents=True, exist_ok=True)
+            lock = RunFolderLock(out)
         if main_rank:
             remove_stale(out, "ckpt.pt.*.tmp", max_age_s=60)   # a killed save's temp file
             trim_metrics(out / "metrics.jsonl", run.step if resume_state is not None else None)

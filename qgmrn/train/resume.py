@@ -9,6 +9,7 @@ import os
 import socket
 from pathlib import Path
 
+from ..files import write_private
 from ..settings import SettingsError, field_types, typed
 from .settings import TrainConfig, validate
 
@@ -50,15 +51,26 @@ def _same_path(a, b) -> bool:
     return a is not None and b is not None and Path(a).resolve() == Path(b).resolve()
 
 
-def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
+def check_out_dir(out: Path, resume: bool, overwrite: bool) -> "RunFolderLock | None":
     """Nothing a user made is replaced without --overwrite: a folder holding a run is continued
-    with --resume or replaced with --overwrite."""
+    with --resume or replaced with --overwrite. Replacing takes the folder's lock first (a live run
+    there is refused before anything of it is removed) and returns it, held, to the caller."""
     ckpt = out / "ckpt.pt"
     if resume or not ckpt.exists():
-        return
+        return None
     if not overwrite:
         raise SettingsError(f"{out} already holds a training run ({ckpt}); continue it with --resume "
                             f"--out {out}, or pass --overwrite to start over there")
+    lock = RunFolderLock(out)
+    try:
+        _remove_run(out, ckpt)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _remove_run(out: Path, ckpt: Path) -> None:
     for name in ("ckpt.pt", "metrics.jsonl", "eval.json", "config.json"):
         (out / name).unlink(missing_ok=True)
     # an export of the replaced checkpoint, in the run folder or beside it, would answer for the new
@@ -124,7 +136,7 @@ class RunFolderLock:
             raise SettingsError(f"{out} is being trained by {holder}; wait for it to end, or give another "
                                 "--out") from None
         self.pid_file = out / self.PID_FILE
-        self.pid_file.write_text(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        write_private(self.pid_file, f"pid {os.getpid()} on {socket.gethostname()}\n")
 
     def release(self) -> None:
         self.pid_file.unlink(missing_ok=True)
