@@ -13,7 +13,7 @@ import numpy as np
 
 from .errors import ModelError
 from .metadata import METADATA_KEY, check_metadata_against_shapes, check_weights_finite, parse_metadata
-from .precision import Choice, check_sha, rank, report_rows
+from .precision import Choice, check_sha, rank, read_report, report_rows, require_regular
 
 log = logging.getLogger("runtime")
 OUTPUTS = ("logits", "gates", "route_logits")
@@ -83,6 +83,9 @@ def _candidates(path: Path, backend: str) -> list[tuple[str, Callable[[], Any]]]
         engine = None
     if onnx_path is not None and not onnx_path.exists():
         onnx_path = None
+    for model_file in (engine, onnx_path):
+        if model_file is not None:
+            require_regular(model_file)
     if path.is_dir():
         check_bundle(path, onnx_path)
 
@@ -146,16 +149,18 @@ def check_bundle(directory: Path, onnx_path: Path | None) -> None:
     model.onnx is not the file parity was proven on (its sha256 differs: altered or corrupt)."""
     report_path = directory / "parity.json"
     if not report_path.exists():
-        return
-    try:
-        report = json.loads(report_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelError(f"{report_path} is unreadable ({e}); re-export the checkpoint") from e
-    if report.get("passed") is False:
-        raise ModelError(f"{directory}: its parity.json says this export failed its parity check; "
-                         "it answers unlike the checkpoint and is not used")
+        raise ModelError(f"{directory} has no parity.json: not a bundle export published (a bundle holds "
+                         "the report that proves its model); load the .onnx file itself, or re-export")
+    report = read_report(report_path, "a parity report")
+    if report.get("passed") is not True:
+        raise ModelError(f"{directory}: its parity.json says passed={report.get('passed')!r}: this export "
+                         "failed its parity check (or never passed it) and is not used")
     if onnx_path is not None:
-        check_sha(onnx_path, ((report.get("artefacts") or {}).get("onnx-fp32") or {}).get("sha256"))
+        rows, _ = report_rows(directory)
+        sha = (rows.get("onnx-fp32") or {}).get("sha256")
+        if not sha:
+            raise ModelError(f"{report_path}: row 'onnx-fp32' has no sha256 for {onnx_path.name}; re-export")
+        check_sha(onnx_path, sha)
 
 
 def _require_gpu(runner):
@@ -181,10 +186,11 @@ def open_runner(path: str | os.PathLike, backend: str = "auto"):
         try:
             runner = make()
         except (ModelError, ImportError, RuntimeError, OSError) as e:
-            if backend != "auto":
-                raise
+            if backend != "auto" or len(candidates) == 1:
+                raise                          # the one way to run it: its own error says why
             reasons.append(f"{what}: {e}")
-            log.warning("runtime: %s cannot run here, trying the next backend (%s)", what, e)
+            if (what, make) is not candidates[-1]:
+                log.warning("runtime: %s cannot run here, trying the next backend (%s)", what, e)
             continue
         log.info("runtime: %s chose %s%s%s", path, runner.name,
                  f" ({runner.reason})" if getattr(runner, "reason", None) else "",

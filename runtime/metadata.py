@@ -22,6 +22,8 @@ def parse_metadata(raw: str | None, path) -> dict:
         meta = json.loads(raw)
     except json.JSONDecodeError as e:
         raise ModelError(f"{path}: its QGMRN metadata is not valid JSON") from e
+    if not isinstance(meta, dict):
+        raise ModelError(f"{path}: its QGMRN metadata is a JSON {type(meta).__name__}, not an object")
     if meta.get("format") != METADATA_FORMAT or meta.get("format_version") != METADATA_VERSION:
         raise ModelError(f"{path}: metadata format {meta.get('format')!r} v{meta.get('format_version')} "
                          "is not one this runtime reads")
@@ -43,6 +45,12 @@ def _check_fields(meta: dict, path) -> None:
     for key in ("image_size", "max_question_len"):
         if not _positive_int(meta[key]):
             raise ModelError(f"{path}: its metadata's {key} is {meta[key]!r}, not a positive integer")
+    for key in ("mean", "std"):
+        value = meta[key]
+        if not (isinstance(value, list) and len(value) == 3 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in value)):
+            raise ModelError(f"{path}: its metadata's {key} is {json.dumps(value)[:60]}, not three numbers "
+                             "(one per colour channel)")
     mcfg = meta.get("model_config")
     if isinstance(mcfg, dict):
         if "vocab_size" in mcfg and mcfg["vocab_size"] != len(meta["vocab"]):

@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,30 +41,83 @@ class Choice:
     sha256: str | None = None     # the file parity proved
 
 
+MAX_REPORT_BYTES = 16 << 20          # a parity report or card is a few KB; more is not one
+
+
+def require_regular(path: Path, what: str = "a model file") -> None:
+    """A model file, report or card must be a regular file: a FIFO or a link to /dev/zero would
+    hang whoever reads it, and a directory is not a file."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise ModelError(f"{path}: cannot read it ({e.strerror or e})") from e
+    if not stat.S_ISREG(mode):
+        kind = "directory" if stat.S_ISDIR(mode) else "FIFO" if stat.S_ISFIFO(mode) else \
+            "device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "special file"
+        raise ModelError(f"{path} is a {kind}, not a regular file; {what} must be one")
+
+
+def read_report(path: Path, what: str) -> dict:
+    """A JSON object from a parity report or card, or a ModelError naming the file."""
+    require_regular(path, what)
+    if path.stat().st_size > MAX_REPORT_BYTES:
+        raise ModelError(f"{path} is {path.stat().st_size} bytes: too large for {what}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{path} is unreadable ({e}); re-export the checkpoint") from e
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: expected a JSON object ({what}), got {type(data).__name__}")
+    return data
+
+
 def report_rows(path: Path) -> tuple[dict, Path]:
     """(parity rows, the folder their files are in) for a bundle or a NAME.onnx with a NAME.json
-    card; ({}, folder) when there is no report."""
+    card; ({}, folder) when there is no report. Rows are checked field by field."""
     if path.is_dir():
         report, folder = path / "parity.json", path
     else:
         report, folder = path.with_suffix(".json"), path.parent
     if not report.exists():
         return {}, folder
-    try:
-        rows = json.loads(report.read_text()).get("artefacts") or {}
-    except (OSError, json.JSONDecodeError, AttributeError) as e:
-        raise ModelError(f"{report} is unreadable ({e}); re-export the checkpoint") from e
-    return (rows if isinstance(rows, dict) else {}), folder
+    rows = read_report(report, "a parity report").get("artefacts") or {}
+    if not isinstance(rows, dict):
+        raise ModelError(f"{report}: its 'artefacts' field is a {type(rows).__name__}, not an object of rows")
+    for key, row in rows.items():
+        _check_row(report, key, row)
+    return rows, folder
+
+
+def _check_row(report: Path, key: str, row) -> None:
+    def bad(field, why):
+        raise ModelError(f"{report}: row {key!r}: field {field!r} {why}")
+    if not isinstance(row, dict):
+        raise ModelError(f"{report}: row {key!r} is a {type(row).__name__}, not an object")
+    file = row.get("file")
+    if file is not None and (not isinstance(file, str) or file in ("", ".", "..") or Path(file).name != file):
+        bad("file", f"is {file!r}: a row names a file inside its folder, never a path")
+    if "passed" in row and not isinstance(row["passed"], bool):
+        bad("passed", f"is {row['passed']!r}, not true or false")
+    samples = row.get("samples", 0)
+    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 0):
+        bad("samples", f"is {samples!r}, not a count")
+    latency = row.get("latency_ms")
+    if latency is not None and (not isinstance(latency, dict) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in latency.values() if v is not None)):
+        bad("latency_ms", f"is {latency!r}, not milliseconds by batch size")
+    for field in ("sha256", "engine", "precision"):
+        if row.get(field) is not None and not isinstance(row[field], str):
+            bad(field, f"is {row[field]!r}, not a string")
 
 
 def _usable(key: str, row: dict, folder: Path, here: dict) -> str | None:
     """Why this row cannot be auto's choice here, or None."""
-    if not isinstance(row, dict) or not row.get("passed"):
+    if row.get("passed") is not True:
         return "did not pass parity"
     engine, precision = row.get("engine"), row.get("precision")
     if engine not in ENGINE_MODULE or not row.get("file"):
         return "not a CPU runtime row"
-    if precision != "fp32" and int(row.get("samples", 0)) < MIN_JUDGED:
+    if precision != "fp32" and (row.get("samples") or 0) < MIN_JUDGED:
         return f"judged on {row.get('samples')} questions (auto needs {MIN_JUDGED})"
     if importlib.util.find_spec(ENGINE_MODULE[engine]) is None:
         return f"{engine} is not installed"
@@ -115,6 +170,7 @@ def check_sha(path: Path, expected: str | None) -> None:
     """Refuse a file that is not the one its parity report proved (altered or corrupt)."""
     if not expected:
         return
+    require_regular(path)
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -90,3 +90,121 @@ def test_cross_eval_never_unpickles_a_run_folder(tmp_path):
     with pytest.raises(Exception):
         cross_eval.load_run(run)
     assert not marker.exists()
+
+
+# -- 5, 6, 7, 24: what runtime.load accepts -------------------------------------------------------
+def _copy_bundle(bundle, tmp_path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    return copy
+
+
+def _with_raw_metadata(src, dst, raw: str):
+    import onnx
+    m = onnx.load(str(src))
+    next(p for p in m.metadata_props if p.key == "qgmrn").value = raw
+    onnx.save(m, str(dst))
+    return dst
+
+
+@pytest.fixture
+def no_hang():
+    import signal
+
+    def hung(*_):
+        raise AssertionError("runtime.load hung")
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(30)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero"])
+def test_a_model_file_that_is_not_a_regular_file_is_refused_without_hanging(kind, tiny_bundle, tmp_path, no_hang):
+    import runtime
+    copy = _copy_bundle(tiny_bundle, tmp_path)
+    (copy / "model.onnx").unlink()
+    single = tmp_path / "single.onnx"
+    for path in (copy / "model.onnx", single):
+        if kind == "fifo":
+            os.mkfifo(path)
+        else:
+            path.symlink_to("/dev/zero")
+    for path in (copy, single):
+        with pytest.raises(runtime.ModelError, match="not a regular file"):
+            runtime.load(path)
+
+
+@pytest.mark.parametrize("raw, field", [
+    ("[1, 2]", "not an object"), ('"text"', "not an object"),
+])
+def test_metadata_that_is_not_an_object_is_a_model_error(raw, field, tiny_bundle, tmp_path):
+    import runtime
+    path = _with_raw_metadata(tiny_bundle / "model.onnx", tmp_path / "m.onnx", raw)
+    with pytest.raises(runtime.ModelError, match=field):
+        runtime.load(path)
+
+
+@pytest.mark.parametrize("value", [["a", "b", "c"], [0.5, 0.5], "0.5", [float("nan"), 0.5, 0.5]])
+def test_normalisation_metadata_of_the_wrong_shape_is_a_model_error(value, tiny_bundle, tmp_path):
+    import runtime
+    from conftest import with_metadata
+    path = with_metadata(tiny_bundle / "model.onnx", tmp_path / "m.onnx", lambda meta: meta.update(mean=value))
+    with pytest.raises(runtime.ModelError, match="mean"):
+        runtime.load(path)
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda report: report.clear() or report.update(x=1) and None, "passed"),
+    (lambda report: report.update(passed="no"), "passed='no'"),
+    (lambda report: report["artefacts"]["onnx-fp32"].update(samples="many"), "samples"),
+    (lambda report: report["artefacts"]["onnx-fp32"].update(file="../elsewhere.onnx"), "file"),
+])
+def test_tampered_parity_reports_are_refused_naming_the_field(change, match, tiny_bundle, tmp_path):
+    import runtime
+    copy = _copy_bundle(tiny_bundle, tmp_path)
+    report = json.loads((copy / "parity.json").read_text())
+    change(report)
+    (copy / "parity.json").write_text(json.dumps(report))
+    with pytest.raises(runtime.ModelError, match=match):
+        runtime.load(copy)
+
+
+def test_a_parity_report_that_is_a_list_or_missing_is_refused(tiny_bundle, tmp_path, capsys):
+    import runtime
+    from runtime.__main__ import main as runtime_main
+    copy = _copy_bundle(tiny_bundle, tmp_path)
+    (copy / "parity.json").write_text("[1]")
+    with pytest.raises(runtime.ModelError, match="parity.json: expected a JSON object"):
+        runtime.load(copy)
+    (copy / "parity.json").unlink()                    # a swapped model.onnx must not load either
+    with pytest.raises(runtime.ModelError, match="no parity.json"):
+        runtime.load(copy)
+    image = next((REPO.parent / "shared" / "data" / "clevr-real-sample" / "images" / "val").glob("*.png"), None)
+    if image is not None:
+        assert runtime_main([str(image), "What color is it?", "--model", str(copy)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "no parity.json" in err[0]
+
+
+def test_a_card_row_cannot_point_outside_its_folder(tiny_bundle, tmp_path):
+    import runtime
+    folder = tmp_path / "models"
+    folder.mkdir()
+    shutil.copy(tiny_bundle / "model.onnx", folder / "m.onnx")
+    report = json.loads((tiny_bundle / "parity.json").read_text())
+    report["artefacts"]["openvino-bf16"] = dict(report["artefacts"]["onnx-fp32"], engine="openvino",
+                                                precision="bf16", file="../outside.onnx", samples=1000)
+    (folder / "m.json").write_text(json.dumps(report))
+    with pytest.raises(runtime.ModelError, match="never a path"):
+        runtime.load(folder / "m.onnx")
+
+
+def test_a_corrupt_onnx_file_says_it_is_not_a_model_without_promising_a_next_backend(tmp_path, caplog):
+    import runtime
+    bad = tmp_path / "broken.onnx"
+    bad.write_bytes(b"\x08\x07garbage" * 100)
+    with pytest.raises(runtime.ModelError, match="not a loadable ONNX model"):
+        runtime.load(bad)
+    assert "trying the next backend" not in caplog.text
