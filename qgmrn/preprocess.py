@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import threading
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -96,6 +97,7 @@ def encode_batch(vocab: Vocab, questions: list[str], max_len: int | None = None
 # a few hundred KB can claim 13000 x 13000 pixels and take gigabytes to decode: it is refused from
 # its header, before decoding.
 MAX_PIXELS = 64_000_000
+_PIL_LOAD = threading.Lock()
 
 
 def load_rgb(image) -> Image.Image:
@@ -115,8 +117,10 @@ def load_rgb(image) -> Image.Image:
     if isinstance(image, Image.Image):
         try:
             _check_pixels(image, "PIL image")
+            with _PIL_LOAD:                       # a lazily opened image decodes once, in one thread
+                image.load()
             return _check_size(_to_rgb(ImageOps.exif_transpose(image), "PIL image"), "PIL image")
-        except ValueError as e:                   # a closed image, a mode Pillow cannot convert
+        except (ValueError, OSError, SyntaxError) as e:   # closed, truncated, a mode Pillow cannot convert
             if isinstance(e, ImageError):
                 raise
             raise ImageError(f"cannot use the PIL image: {e}") from e
@@ -168,15 +172,17 @@ def _to_rgb(im: Image.Image, what: str) -> Image.Image:
     mode = im.mode
     if mode.startswith("I;16") or mode == "I":
         a = np.asarray(im)
-        if mode == "I" and (a.min() < 0 or a.max() > 65535):
-            raise ImageError(f"{what}: 32-bit integer pixels outside 0..65535 (range {a.min()}..{a.max()}); "
+        lo, hi = int(a.min()), int(a.max())
+        if mode == "I" and (lo < 0 or hi > 65535):
+            raise ImageError(f"{what}: 32-bit integer pixels outside 0..65535 (range {lo}..{hi}); "
                              "give an 8- or 16-bit image")
         # mode "I" from a 16-bit PNG or TIFF holds 0..65535; any 8-bit data fits that scale too
         # only if its maximum says so: values <= 255 are read as 8 bits.
-        scale = 255.0 / (65535.0 if mode.startswith("I;16") or a.max() > 255 else 255.0)
-        return Image.fromarray(np.clip(np.rint(a.astype(np.float64) * scale), 0, 255).astype(np.uint8)).convert("RGB")
+        full = 65535 if mode.startswith("I;16") or hi > 255 else 255
+        return Image.fromarray(_rows_to_u8(a, lambda rows: (rows.astype(np.uint32) * 510 + full) // (2 * full))
+                               ).convert("RGB")
     if mode == "F":
-        a = np.asarray(im, dtype=np.float64)
+        a = np.asarray(im)                        # float32: no float64 copy of a large image
         if not np.isfinite(a).all():
             raise ImageError(f"{what}: float pixels include NaN or infinity")
         lo, hi = float(a.min()), float(a.max())
@@ -186,10 +192,19 @@ def _to_rgb(im: Image.Image, what: str) -> Image.Image:
             scale = 1.0
         else:
             raise ImageError(f"{what}: float pixels in {lo:g}..{hi:g}: expected 0..1 or 0..255")
-        return Image.fromarray(np.rint(a * scale).astype(np.uint8)).convert("RGB")
+        return Image.fromarray(_rows_to_u8(a, lambda rows: np.rint(rows.astype(np.float64) * scale))).convert("RGB")
     if mode in ("La", "RGBa"):                    # premultiplied alpha: Pillow converts it via LA/RGBA
         im = im.convert("LA" if mode == "La" else "RGBA")
     return im.convert("RGB")
+
+
+def _rows_to_u8(a: np.ndarray, convert, rows: int = 256) -> np.ndarray:
+    """uint8 pixels from a wide-format array, converted a band of rows at a time: a 64 MP 16-bit
+    image needs its uint8 result and one band of temporaries, not full-size float64 copies."""
+    out = np.empty(a.shape, np.uint8)
+    for top in range(0, a.shape[0], rows):
+        out[top:top + rows] = np.clip(convert(a[top:top + rows]), 0, 255)
+    return out
 
 
 def _check_size(im: Image.Image, what: str) -> Image.Image:

@@ -28,6 +28,15 @@ def _pool() -> ThreadPoolExecutor:
         return _POOL
 
 
+def _identity(image):
+    """A key that is equal for the same image given twice in one batch."""
+    if isinstance(image, (str, os.PathLike)):
+        return ("path", os.fspath(image))
+    if isinstance(image, bytes):
+        return ("bytes", image)
+    return ("object", id(image))
+
+
 @dataclass
 class Prediction:
     answer: str
@@ -109,11 +118,16 @@ class Model:
         resizes), then normalise the batch in one step: the same numbers as preprocess_image."""
         size = self.image_size
         one = lambda im: resize_uint8(load_rgb(im), size)      # noqa: E731
-        if len(images) > 1 and _POOL_SIZE > 1:
-            u8 = list(_pool().map(one, images))               # the first bad image's error, in order
+        # One image asked several questions is decoded once (the same object, path or bytes):
+        # faster, and a lazily opened PIL image is never decoded by two threads at once.
+        first: dict = {}
+        slot = [first.setdefault(_identity(im), len(first)) for im in images]
+        distinct = [images[slot.index(k)] for k in range(len(first))]
+        if len(distinct) > 1 and _POOL_SIZE > 1:
+            u8 = list(_pool().map(one, distinct))             # the first bad image's error, in order
         else:
-            u8 = [one(im) for im in images]
-        return normalize(np.stack(u8))
+            u8 = [one(im) for im in distinct]
+        return normalize(np.stack([u8[k] for k in slot]))
 
     def _predict_chunk(self, images, questions, top_k) -> list[Prediction]:
         # encode_batch refuses non-strings, questions without a word and too-long questions

@@ -208,3 +208,45 @@ def test_a_corrupt_onnx_file_says_it_is_not_a_model_without_promising_a_next_bac
     with pytest.raises(runtime.ModelError, match="not a loadable ONNX model"):
         runtime.load(bad)
     assert "trying the next backend" not in caplog.text
+
+
+# -- 8, 9: images ---------------------------------------------------------------------------------
+def test_one_lazily_opened_pil_image_asked_many_questions_answers_like_the_file(tiny_bundle, real_sample):
+    from PIL import Image
+    import runtime
+    model = runtime.load(tiny_bundle)
+    path = sorted((real_sample / "images" / "val").glob("*.png"))[0]
+    questions = ["What color is the cube?", "How many spheres are there?"] * 8
+    expected = model.answer_batch([path] * 16, questions)
+    for _ in range(20):
+        assert model.answer_batch([Image.open(path)] * 16, questions) == expected
+
+
+def test_a_lazily_opened_truncated_image_is_an_image_error(tiny_bundle, real_sample, tmp_path):
+    from PIL import Image
+    import runtime
+    data = sorted((real_sample / "images" / "val").glob("*.png"))[0].read_bytes()
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(data[:len(data) // 2])
+    with pytest.raises(runtime.ImageError):
+        runtime.load(tiny_bundle).answer(Image.open(cut), "What color is the cube?")
+
+
+def test_a_16_bit_image_decodes_without_full_size_float_copies(tmp_path):
+    import tracemalloc
+    import numpy as np
+    from PIL import Image
+    from qgmrn.preprocess import load_rgb
+    side = 3000
+    ramp = (np.arange(side * side, dtype=np.uint32) % 65536).astype(np.uint16).reshape(side, side)
+    path = tmp_path / "wide.png"
+    Image.fromarray(ramp).save(path)
+    del ramp
+    tracemalloc.start()
+    rgb = load_rgb(path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 6 * side * side          # the decoded int32 array, one band; float64 copies were 12+ B/px
+    a = np.asarray(rgb)
+    flat = a.reshape(-1, 3)[:, 0]                    # the ramp's value v becomes round(v * 255 / 65535)
+    assert flat[65535] == 255 and flat[0] == 0 and flat[257] == 1 and flat[128] == 0 and flat[129] == 1
