@@ -68,6 +68,12 @@ def remove_own_stages() -> None:
         STAGES.discard(stage)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def staging_dir(out: Path, overwrite: bool = False) -> Path:
     """A fresh directory beside `out` (same filesystem, so publishing is a rename per file)."""
     if out.exists() and not out.is_dir():
@@ -80,7 +86,7 @@ def staging_dir(out: Path, overwrite: bool = False) -> Path:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-        os.chmod(stage, 0o755)                         # mkdtemp makes it private
+        os.chmod(stage, 0o777 & ~_umask())             # mkdtemp makes it private; publish as mkdir would
         STAGES.add(stage)
         return stage
     except OSError as e:

@@ -11,6 +11,10 @@ out when no backend passed with it. The runtime's auto runs the fastest row that
 """
 from __future__ import annotations
 
+if __name__ == "__main__":                      # a base install: one line, not torch's traceback
+    from qgmrn.extras import require
+    require("torch", "python -m export.to_onnx")
+
 import argparse
 import signal
 import sys
@@ -19,6 +23,7 @@ from pathlib import Path
 from qgmrn.checkpoint import CheckpointError
 from qgmrn.data.sources import DataError
 from qgmrn.files import Busy, FileLock, os_error_line
+from qgmrn.preprocess import ImageError, QuestionError
 
 from .bundle import ExportError, default_out, export_checkpoint, publish, remove_own_stages, write_report
 
@@ -50,6 +55,15 @@ class Stopped(Exception):
         self.signum = signum
 
 
+def _no_file_above(out: Path) -> None:
+    """--out under a file is a usage error that names the file (mkdir says only "File exists")."""
+    for above in out.absolute().parents:
+        if above.exists():
+            if not above.is_dir():
+                raise ExportError(f"cannot write to {out}: {above} is a file, not a folder", 2)
+            return
+
+
 def exit_code(body, out: Path) -> int:
     """Run a CLI body that exports into `out`; bad input, failed parity, a full disk, a second
     export into the same folder and SIGINT/SIGTERM become one message and an exit status, and no
@@ -60,12 +74,13 @@ def exit_code(body, out: Path) -> int:
     lock = None
     try:
         try:
+            _no_file_above(out)
             out.parent.mkdir(parents=True, exist_ok=True)
             lock = FileLock(out.parent / f".{out.name}.export-lock", f"{out} (another export is writing it)")
         except OSError as e:                      # --out under a file, a read-only folder: a usage error
             raise ExportError(f"cannot write to {out.parent}: {e.strerror or e}", 2) from e
         return body()
-    except (CheckpointError, DataError, Busy) as e:
+    except (CheckpointError, DataError, Busy, ImageError, QuestionError) as e:   # parity/calibration data
         print(f"error: {e}", file=sys.stderr)
         return 2
     except ExportError as e:

@@ -10,6 +10,10 @@ what is missing, and exits with status 3.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":                      # a base install: one line, not torch's traceback
+    from qgmrn.extras import require
+    require("torch", "python -m export.to_trt")
+
 import argparse
 import shutil
 import sys
@@ -38,6 +42,10 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if not 1 <= a.min_batch <= a.opt_batch <= a.max_batch:
         ap.error("need 1 <= --min-batch <= --opt-batch <= --max-batch")
+    if a.max_len < 0:
+        ap.error(f"--max-len must be 0 (the model's) or a positive number of tokens, got {a.max_len}")
+    if a.workspace_mib < 1:
+        ap.error(f"--workspace-mib must be at least 1, got {a.workspace_mib}")
     missing = missing_requirements()
 
     def body() -> int:

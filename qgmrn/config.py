@@ -57,8 +57,8 @@ class ModelConfig:
                     raise ValueError(f"{name} must be a positive integer, got {values!r}")
         if not 0.0 < self.route_init_prob < 1.0:
             raise ValueError(f"route_init_prob must lie in (0, 1), got {self.route_init_prob}")
-        if not self.tau > 0.0:
-            raise ValueError(f"tau must be positive, got {self.tau}")
+        if not (math.isfinite(self.tau) and self.tau > 0.0):
+            raise ValueError(f"tau must be a positive finite number, got {self.tau}")
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
         if self.block_norm not in BLOCK_NORMS:

@@ -250,3 +250,97 @@ def test_a_16_bit_image_decodes_without_full_size_float_copies(tmp_path):
     a = np.asarray(rgb)
     flat = a.reshape(-1, 3)[:, 0]                    # the ramp's value v becomes round(v * 255 / 65535)
     assert flat[65535] == 255 and flat[0] == 0 and flat[257] == 1 and flat[128] == 0 and flat[129] == 1
+
+
+# -- 10, 15, 18, 19, 20, 21, 22, 23: settings and command lines -----------------------------------
+@pytest.mark.parametrize("setting", ["load_weight=inf", "warmup_start_lr=nan", "warmup_start_lr=-1", "tau=inf",
+                                     "progress_every=nan", "scene_weight=-1", "seed=1e26", "seed=-3"])
+def test_out_of_range_settings_are_one_line_before_anything_is_created(setting, tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, err = _cli(train_mod.main, ["--data-root", str(tiny_data), "--preset", "tiny", "--steps", "2",
+                                      "--out", str(out), "--set", setting], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and setting.split("=")[0] in lines[-1] and "Traceback" not in err, err
+    assert not out.exists()
+
+
+def _jsonl_without_words(tmp_path, real_sample):
+    image = sorted((real_sample / "images" / "val").glob("*.png"))[0]
+    good = {"image": str(image), "question": "What color is the cube?", "answer": "red"}
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps(dict(good, question="?! ...")) + "\n")
+    return path
+
+
+def test_a_jsonl_question_without_words_names_its_file_and_line_before_any_image_is_read(
+        tmp_path, real_sample, capsys):
+    path = _jsonl_without_words(tmp_path, real_sample)
+    code, err = _cli(train_mod.main, ["--jsonl", str(path), str(path), "--preset", "tiny", "--steps", "1",
+                                      "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache")], capsys)
+    assert code == 2 and f"{path}: line 2" in err and "no words" in err
+    assert not (tmp_path / "cache").exists()
+
+
+def test_export_with_bad_parity_data_is_one_line_naming_the_file(tiny_checkpoint, tmp_path, real_sample, capsys):
+    from export.to_onnx import main as to_onnx_main
+    path = _jsonl_without_words(tmp_path, real_sample)
+    assert to_onnx_main([str(tiny_checkpoint), "--out", str(tmp_path / "b1"), "--jsonl", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "line 2" in err[0]
+    data = tmp_path / "D"
+    shutil.copytree(real_sample, data, ignore=shutil.ignore_patterns("humans"))
+    first = sorted((data / "images" / "val").glob("*.png"))[0]
+    first.write_bytes(first.read_bytes()[:300])                 # a truncated PNG among the parity images
+    assert to_onnx_main([str(tiny_checkpoint), "--out", str(tmp_path / "b2"), "--data-root", str(data)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and first.name in err[0] and not (tmp_path / "b2").exists()
+
+
+def test_export_under_a_file_names_the_file(tiny_checkpoint, tmp_path, capsys):
+    from export.to_onnx import main as to_onnx_main
+    (tmp_path / "afile").write_text("x")
+    assert to_onnx_main([str(tiny_checkpoint), "--out", str(tmp_path / "afile" / "sub")]) == 2
+    err = capsys.readouterr().err
+    assert "afile is a file, not a folder" in err and "File exists" not in err
+
+
+def test_a_failed_exports_folder_follows_the_umask(tiny_checkpoint, tiny_data, tmp_path, monkeypatch):
+    import stat
+    from export import bundle
+    old = os.umask(0o077)
+    try:
+        stage = bundle.staging_dir(tmp_path / "out")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(stage.stat().st_mode) == 0o700
+    shutil.rmtree(stage)
+
+
+@pytest.mark.parametrize("args", [["--max-len", "-5"], ["--workspace-mib", "-1"]])
+def test_to_trt_numbers_are_checked_before_the_export(args, tiny_checkpoint, tmp_path, capsys):
+    from export.to_trt import main as to_trt_main
+    code, err = _cli(to_trt_main, [str(tiny_checkpoint), "--out", str(tmp_path / "b"), *args], capsys)
+    assert code == 2 and args[0] in err and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("args", [["--workers", "-1"], ["--workers", "0"], ["--val-images", "-5"],
+                                  ["--renderer", "blender", "--samples", "0"],
+                                  ["--renderer", "blender", "--size", "30000", "30000"]])
+def test_generate_checks_its_numbers_before_any_work(args, tmp_path, capsys):
+    from qgmrn.data.generate import main as generate_main
+    out = tmp_path / "data"
+    code, err = _cli(generate_main, ["--out", str(out), "--images", "2", *args], capsys)
+    assert code == 2 and args[-2] in err and "Traceback" not in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("module", ["qgmrn.train", "export.to_onnx", "export.to_trt"])
+def test_on_a_base_install_training_and_export_say_what_to_install(module, tmp_path):
+    import subprocess
+    import sys
+    (tmp_path / "sitecustomize.py").write_text("import sys\nsys.modules['torch'] = None   # a base install\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO)]))
+    done = subprocess.run([sys.executable, "-m", module, "x.pt"], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=120)
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(err) == 1 and "pip install torch==2.13.0" in err[0], done.stderr

@@ -26,6 +26,7 @@ from .render import render, sample_scene
 from .sources import write_split
 
 CHUNK = 50            # images per work unit; each unit has its own seeded RNG and balancer
+MAX_RENDER_SIDE = 2048   # Blender images: 4x CLEVR's width; larger asks Cycles for gigabytes per image
 
 
 def _rng(seed: int, split: str, chunk: int) -> random.Random:
@@ -101,6 +102,15 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.images < 1 or a.questions < 1:
         ap.error("--images and --questions must be positive")
+    if a.val_images is not None and a.val_images < 1:
+        ap.error(f"--val-images must be at least 1, got {a.val_images}")
+    if a.workers is not None and a.workers < 1:
+        ap.error(f"--workers must be at least 1 (leave it out for all cores), got {a.workers}")
+    if a.samples is not None and a.samples < 1:
+        ap.error(f"--samples must be at least 1, got {a.samples}")
+    if a.size is not None and not (8 <= min(a.size) and max(a.size) <= MAX_RENDER_SIDE):
+        ap.error(f"--size W H must lie in 8..{MAX_RENDER_SIDE} pixels a side (CLEVR's images are 480 x 320), "
+                 f"got {a.size[0]} {a.size[1]}")
     if not 1 <= a.objects[0] <= a.objects[1] <= 10:
         ap.error(f"--objects MIN MAX must satisfy 1 <= MIN <= MAX <= 10, got {a.objects[0]} {a.objects[1]}")
     val = a.val_images if a.val_images is not None else max(1, a.images // 5)
@@ -118,9 +128,7 @@ def main(argv=None) -> int:
             print(f"error: cannot write the dataset: {os_error_line(e, a.out)}", file=sys.stderr)
             return 1
     else:
-        size, samples = tuple(a.size or (240, 160)), a.samples or 32
-        if min(size) < 8 or samples < 1:
-            ap.error("--size needs at least 8 x 8 pixels and --samples at least 1")
+        size, samples = tuple(a.size or (240, 160)), 32 if a.samples is None else a.samples
         stats = _generate_blender(a, val, size, samples)
         if stats is None:
             return 1

@@ -14,6 +14,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..preprocess import tokenize
 from .programs import program_subtype, question_type
 
 
@@ -163,6 +164,8 @@ def load_jsonl(path: str | os.PathLike, require_answers: bool = True) -> list[Sa
                                     f"{type(value).__name__} {json.dumps(value)[:40]}")
             image = _field(rec, "image", path, where)
             question = _field(rec, "question", path, where)
+            if not any(w[0].isalnum() for w in tokenize(question)):     # what Vocab.encode refuses
+                raise DataError(f"{path}: {where}: question {question!r} has no words")
             answer = rec.get("answer")
             if answer is None and require_answers:
                 raise DataError(f"{path}: {where}: question {question!r} has no answer in a training split")

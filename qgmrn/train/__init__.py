@@ -18,8 +18,12 @@ import threading
 import time
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
+from ..extras import require
+
+require("torch", "training (python -m qgmrn.train)", cli_only=True)   # a base install: one line
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 

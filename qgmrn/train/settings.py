@@ -69,6 +69,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             raise SettingsError(f"{name} must not be negative, got {getattr(cfg, name)}")
     if cfg.epochs == 0 and cfg.steps == 0:
         raise SettingsError("give a positive number of epochs or steps")
+    if not 0 <= cfg.seed < 2**32:
+        raise SettingsError(f"seed must lie in 0..{2**32 - 1}, got {cfg.seed}")
+    if not (math.isfinite(cfg.warmup_start_lr) and cfg.warmup_start_lr >= 0.0):
+        raise SettingsError(f"warmup_start_lr must be a finite number, not negative, got {cfg.warmup_start_lr}")
     if cfg.lr is not None and not (0.0 < cfg.lr < 10.0):
         raise SettingsError(f"lr must lie in (0, 10), got {cfg.lr}")
     for name in ("load_weight", "scene_weight", "where_weight"):
@@ -93,8 +97,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise SettingsError("give one data source: --data-root (CLEVR layout) or --jsonl, not both")
     if sum(map(bool, (cfg.jsonl, cfg.humans))) > 1:
         raise SettingsError("give one data source: --jsonl or --humans (with --data-root)")
-    if cfg.progress_every <= 0:
-        raise SettingsError("progress_every must be positive")
+    if not (math.isfinite(cfg.progress_every) and cfg.progress_every > 0):
+        raise SettingsError(f"progress_every must be a positive number of seconds, got {cfg.progress_every}")
     return cfg
 
 
