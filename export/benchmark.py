@@ -103,11 +103,14 @@ def _time(spec: dict) -> dict | None:
 
 def _inputs(a, rows_source: Path | None) -> tuple[list[str], list[str]]:
     """Eight images and questions for the latency runs: the given data, else the real CLEVR sample."""
-    from qgmrn.data.sources import load_clevr, load_jsonl
+    from qgmrn.data.sources import DataError, load_clevr, load_jsonl
     if a.jsonl:
         samples = load_jsonl(a.jsonl, require_answers=False)
     else:
         root = a.data_root or str(REPO.parent / "shared" / "data" / "clevr-real-sample")
+        if not a.data_root and not Path(root).is_dir():     # the developers' checkout layout only
+            raise DataError("give --data-root DIR (CLEVR layout) or --jsonl FILE: the latency rows need "
+                            "images and questions")
         samples = load_clevr(root, "val", require_answers=False)
     seen, images, questions = set(), [], []
     for s in samples:
@@ -130,7 +133,8 @@ def _resolve(a, tmp: Path) -> tuple[Path, str | None, dict, Path]:
     else:
         path = Path(target)
         if not path.exists():
-            raise SystemExit(f"error: not found: {path}")
+            from qgmrn.data.sources import DataError
+            raise DataError(f"not found: {path}")
     if path.suffix == ".pt":
         from .bundle import export_checkpoint, publish
         out = tmp / "bundle"
@@ -150,6 +154,9 @@ def _resolve(a, tmp: Path) -> tuple[Path, str | None, dict, Path]:
         rows = {"onnx-fp32": {"engine": "onnxruntime", "precision": "fp32", "passed": None,
                               "file": path.name if path.is_file() else "model.onnx"}}
     ckpt = json.loads(report.read_text()).get("checkpoint") if report.exists() and path.is_dir() else None
+    if ckpt and not Path(ckpt).is_absolute():            # older reports: relative to where export ran
+        ckpt = next((str(c.resolve()) for c in (Path(ckpt), path.parent / Path(ckpt).name, path.parent.parent /
+                                                  Path(ckpt).name) if c.is_file()), None)
     return path, ckpt if ckpt and Path(ckpt).exists() else None, rows, folder
 
 
@@ -198,6 +205,30 @@ def main(argv=None) -> int:
         return 0
     if not a.model:
         ap.error("give a checkpoint, a bundle, an .onnx or builtin")
+    if a.n < 1 or a.iters < 1:
+        ap.error(f"-n and --iters must be at least 1, got -n {a.n} --iters {a.iters}")
+    # Workers run in the repository's folder: every path is made absolute before it is handed on.
+    a.data_root = str(Path(a.data_root).resolve()) if a.data_root else None
+    a.jsonl = str(Path(a.jsonl).resolve()) if a.jsonl else None
+    if a.model != "builtin":
+        a.model = str(Path(a.model).resolve())
+    try:
+        return _benchmark(a)
+    except SystemExit:
+        raise
+    except Exception as e:
+        from qgmrn.checkpoint import CheckpointError
+        from qgmrn.data.sources import DataError
+        from qgmrn.preprocess import ImageError, QuestionError
+        from runtime.errors import ModelError
+        from .bundle import ExportError
+        if isinstance(e, (CheckpointError, DataError, ModelError, ExportError, ImageError, QuestionError, OSError)):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _benchmark(a) -> int:
     from qgmrn.cpu import cpu_signature
     cpu = cpu_signature()
     print(f"CPU: {cpu['model']} ({cpu['cores']} cores; bf16 {cpu['bf16']}, VNNI {cpu['vnni']}, AMX {cpu['amx']})")
@@ -216,6 +247,9 @@ def main(argv=None) -> int:
             got = _time(spec)
             if got:
                 timed[key] = got
+        if not timed:
+            print("error: no row could be timed (see the reasons above); nothing was written", file=sys.stderr)
+            return 1
         base_key = "pytorch" if "pytorch" in timed else "onnx-fp32"
         text = table(rows, timed, base_key)
     name = "builtin" if a.model == "builtin" else Path(a.model).stem

@@ -149,7 +149,7 @@ def export_checkpoint(checkpoint, out=None, fp16: bool = False, data_root=None, 
             samples = list(samples) + list(extra_samples)
             batches = list(make_batches(samples, vocab, model.cfg.image_size))
         reference = run_torch(model, batches)
-        report = {"checkpoint": str(checkpoint), "checkpoint_sha256": sha, "inputs": source,
+        report = {"checkpoint": str(Path(checkpoint).resolve()), "checkpoint_sha256": sha, "inputs": source,
                   "samples": len(samples), "export_seconds": round(time.perf_counter() - t0, 2), **report}
         labels = answer_labels(samples, list(state["answers"]))
         rows = judge_rows(artefacts, batches, reference, model.cfg.layer_sizes, labels, log)

@@ -344,3 +344,35 @@ def test_on_a_base_install_training_and_export_say_what_to_install(module, tmp_p
                           cwd=tmp_path, timeout=120)
     err = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(err) == 1 and "pip install torch==2.13.0" in err[0], done.stderr
+
+
+# -- 11, 12: export.benchmark ---------------------------------------------------------------------
+def test_benchmark_of_a_relative_bundle_times_every_row_with_pytorch(tiny_checkpoint, tiny_data, real_sample,
+                                                                      tmp_path, monkeypatch, capsys):
+    from export.benchmark import main as bench_main
+    from export.to_onnx import main as to_onnx_main
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(tiny_checkpoint, tmp_path / "ck.pt")
+    assert to_onnx_main(["ck.pt", "--out", "b", "--data-root", str(tiny_data), "--parity-samples", "8"]) == 0
+    assert json.loads((tmp_path / "b" / "parity.json").read_text())["checkpoint"] == str(tmp_path / "ck.pt")
+    assert bench_main(["b", "--data-root", str(real_sample), "--iters", "1", "--out", "bench"]) == 0
+    timed = json.loads((tmp_path / "bench" / "benchmark.json").read_text())["timed"]
+    assert {"pytorch", "onnx-fp32", "auto"} <= set(timed)
+
+
+@pytest.mark.parametrize("args", [["--iters", "0"], ["-n", "0"]])
+def test_benchmark_counts_must_be_positive(args, tiny_bundle, capsys):
+    from export.benchmark import main as bench_main
+    code, err = _cli(bench_main, [str(tiny_bundle), *args], capsys)
+    assert code == 2 and args[0] in err
+
+
+def test_benchmark_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    import export.benchmark as bench
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"PK\x03\x04 not really a checkpoint")
+    code, err = _cli(bench.main, [str(bad), "--iters", "1", "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "bad.pt" in err
+    monkeypatch.setattr(bench, "REPO", tmp_path / "installed" / "site-packages")   # no developer checkout
+    code, err = _cli(bench.main, ["builtin", "--iters", "1", "--out", str(tmp_path / "o")], capsys)
+    assert code != 0 and "--data-root" in err and "Traceback" not in err
