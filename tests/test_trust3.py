@@ -376,3 +376,53 @@ def test_benchmark_errors_are_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench, "REPO", tmp_path / "installed" / "site-packages")   # no developer checkout
     code, err = _cli(bench.main, ["builtin", "--iters", "1", "--out", str(tmp_path / "o")], capsys)
     assert code != 0 and "--data-root" in err and "Traceback" not in err
+
+
+# -- 13, 17: a rendered dataset's rerun verifies what it keeps ---------------------------------------
+TINY_BLENDER = ["--renderer", "blender", "--size", "64", "43", "--samples", "2", "--questions", "3",
+                "--val-images", "1"]
+needs_bpy = pytest.mark.skipif(importlib.util.find_spec("bpy") is None,
+                               reason="bpy not installed (pip install 'qgmrn[render]')")
+
+
+@needs_bpy
+def test_a_rerun_re_renders_damaged_records_and_pngs_naming_them(tmp_path, capsys):
+    from qgmrn.data.generate import main as generate_main
+    out = tmp_path / "d"
+    args = ["--out", str(out), "--images", "3", *TINY_BLENDER]
+    assert generate_main(args) == 0
+    scenes = (out / "scenes" / "CLEVR_train_scenes.json").read_bytes()
+    capsys.readouterr()
+    (out / ".render" / "train" / "000000.json").write_text("{")
+    png = out / "images" / "train" / "CLEVR_train_000001.png"
+    png.write_bytes(png.read_bytes()[:200])
+    rec = out / ".render" / "train" / "000002.json"
+    record = json.loads(rec.read_text())
+    record["objects"][0]["3d_coords"] = [1e308, 0, 0.35]
+    rec.write_text(json.dumps(record))
+    assert generate_main(args) == 0
+    said = capsys.readouterr().out
+    assert "train image 0: its scene record is unreadable" in said and "train image 1: its PNG does not decode" in said
+    assert "train image 2: its scene record places an object" in said and "rendering 3 images" in said
+    assert (out / "scenes" / "CLEVR_train_scenes.json").read_bytes() == scenes
+
+
+@needs_bpy
+def test_a_rerun_refuses_a_corrupt_settings_file_or_fewer_images(tmp_path, capsys):
+    from qgmrn.data.generate import main as generate_main
+    out = tmp_path / "d"
+    assert generate_main(["--out", str(out), "--images", "3", *TINY_BLENDER]) == 0
+    assert generate_main(["--out", str(out), "--images", "2", *TINY_BLENDER]) == 1
+    assert "holds 3 rendered train images" in capsys.readouterr().err
+    (out / ".render" / "settings.json").write_text("[")
+    assert generate_main(["--out", str(out), "--images", "3", *TINY_BLENDER]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "settings.json is unreadable" in err[0]
+
+
+def test_a_run_without_bpy_leaves_nothing_behind(tmp_path, monkeypatch, capsys):
+    from qgmrn.data.generate import main as generate_main
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bpy" else real_find_spec(name, *a))
+    assert generate_main(["--out", str(tmp_path / "d"), "--images", "2", *TINY_BLENDER]) == 1
+    assert not (tmp_path / "d" / ".render" / "settings.json").exists()

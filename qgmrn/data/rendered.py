@@ -55,7 +55,13 @@ def _check_settings(out: Path, settings: dict) -> None:
     """A rerun continues only the dataset it started; anything else in --out is not touched."""
     path = out / ".render" / "settings.json"
     if path.exists():
-        old = json.loads(path.read_text())
+        try:
+            old = json.loads(path.read_text())
+            if not isinstance(old, dict):
+                raise ValueError(f"a JSON {type(old).__name__}, not an object")
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise SettingsMismatch(f"{path} is unreadable ({e}): the settings this dataset was rendered with "
+                                   "are lost; restore the file, or give another --out") from e
         diff = [f"{k} {old.get(k)} (asked {settings[k]})" for k in SETTINGS if old.get(k) != settings[k]]
         if diff:
             raise SettingsMismatch(f"{out} holds a dataset rendered with other settings: {', '.join(diff)}; "
@@ -128,6 +134,63 @@ def _finished(out: Path, split: str, index: int) -> bool:
     return _record(out, split, index).exists() and image.exists()
 
 
+def _damage(out: Path, split: str, index: int, size) -> str | None:
+    """What is wrong with a finished image's record or PNG (a rerun re-renders it), or None."""
+    from PIL import Image
+    record_path, image = _record(out, split, index), out / "images" / split / f"CLEVR_{split}_{index:06d}.png"
+    try:
+        record = json.loads(record_path.read_text())
+        if not isinstance(record, dict):
+            return "its scene record is not a JSON object"
+        if record.get("image_index") != index or record.get("split") != split or \
+                record.get("image_filename") != image.name:
+            return "its scene record names another image"
+        objects = record.get("objects")
+        if not isinstance(objects, list) or not 1 <= len(objects) <= 10:
+            return "its scene record has no usable object list"
+        for o in objects:
+            x, y, z = (float(v) for v in o["3d_coords"])
+            px, py = float(o["pixel_coords"][0]), float(o["pixel_coords"][1])
+            if not (abs(x) <= 4 and abs(y) <= 4 and 0 <= z <= 1 and -size[0] <= px <= 2 * size[0]
+                    and -size[1] <= py <= 2 * size[1]):
+                return f"its scene record places an object at {o['3d_coords']} / {o['pixel_coords']}"
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError) as e:
+        return f"its scene record is unreadable ({type(e).__name__})"
+    try:
+        with Image.open(image) as im:
+            if list(im.size) != list(size):
+                return f"its PNG is {im.size[0]} x {im.size[1]}, not {size[0]} x {size[1]}"
+            im.load()                                 # a truncated PNG fails here
+    except (OSError, SyntaxError, ValueError) as e:
+        return f"its PNG does not decode ({e})"
+    return None
+
+
+def _verified(out: Path, split: str, n: int, size, log) -> list[int]:
+    """Indices below n still to render: missing ones, and finished ones whose record or PNG is
+    damaged (removed here, named in the log)."""
+    todo = []
+    for i in range(n):
+        if _finished(out, split, i):
+            why = _damage(out, split, i, size)
+            if why is None:
+                continue
+            log(f"{split} image {i}: {why}; rendering it again")
+            _record(out, split, i).unlink(missing_ok=True)
+            (out / "images" / split / f"CLEVR_{split}_{i:06d}.png").unlink(missing_ok=True)
+        todo.append(i)
+    return todo
+
+
+def _check_no_orphans(out: Path, split: str, n: int) -> None:
+    """A rerun with fewer images than are rendered would leave images no scene file lists."""
+    held = sum(1 for p in (out / ".render" / split).glob("*.json")) if (out / ".render" / split).exists() else 0
+    if held > n:
+        raise SettingsMismatch(f"{out} holds {held} rendered {split} images; asking for {n} would leave "
+                               f"{held - n} of them out of the dataset: rerun with at least {held}, or give "
+                               "another --out")
+
+
 def _questions(scenes: list[dict], settings: dict, split: str) -> list[dict]:
     questions = []
     for start in range(0, len(scenes), CHUNK):
@@ -158,12 +221,14 @@ def generate_rendered(out, images: int, val_images: int, questions: int = 10, se
     out = Path(out)
     settings = {"renderer": "blender", "size": list(size), "samples": samples, "seed": seed,
                 "objects": list(objects), "questions": questions}
-    _check_settings(out, settings)
-    if importlib.util.find_spec("bpy") is None:
+    if importlib.util.find_spec("bpy") is None:     # before anything is written into --out
         from .blender import INSTALL_HINT
         raise RuntimeError(INSTALL_HINT)
-    todo = [(split, i) for split, n in (("train", images), ("val", val_images)) for i in range(n)
-            if not _finished(out, split, i)]
+    _check_settings(out, settings)
+    for split, n in (("train", images), ("val", val_images)):
+        _check_no_orphans(out, split, n)
+    todo = [(split, i) for split, n in (("train", images), ("val", val_images))
+            for i in _verified(out, split, n, size, log)]
     for split in ("train", "val"):
         for folder in (out / "images" / split, out / ".render" / split):
             folder.mkdir(parents=True, exist_ok=True)
