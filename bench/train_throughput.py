@@ -27,15 +27,36 @@ from qgmrn.train import cpu_has_bf16
 DEFAULT_PRESETS = ["small", "brn-c8", "brn-c16", "brn-c32", "frn"]
 
 
-def measure(preset: str, batch: int, device: str, amp: bool, steps: int, warmup: int) -> dict:
+def _targets(batch: int, device: str) -> torch.Tensor:
+    """Scene/program targets shaped as data.supervision.SceneTargets.item gives them: (B, 10, 7)."""
+    g = torch.Generator().manual_seed(1)
+    t = torch.full((batch, 10, 7), -1.0)
+    n = torch.randint(3, 11, (batch,), generator=g)
+    for b in range(batch):
+        k = int(n[b])
+        t[b, :k, :2] = torch.rand(k, 2, generator=g)
+        t[b, :k, 2:6] = torch.stack([torch.randint(0, c, (k,), generator=g) for c in (8, 3, 2, 2)], 1).float()
+        t[b, :k, 6] = (torch.rand(k, generator=g) < 0.3).float()
+    return t.to(device)
+
+
+def measure(preset: str, batch: int, device: str, amp: bool, steps: int, warmup: int, aux: bool = False,
+            compiled: bool = False) -> dict:
+    """aux: the scene and where losses (scene_weight 0.5, where_weight 1) as the trainer runs them;
+    compiled: torch.compile (inductor) around the training forward."""
+    from qgmrn.train.supervision import TrainingForward, build_heads
     torch.manual_seed(0)
     model = create_model(preset, vocab_size=90, num_answers=28).to(device).train()
     cfg = model.cfg
+    heads = build_heads(model.visual.out_channels, 0.5 if aux else 0.0, 1.0 if aux else 0.0)
+    forward = TrainingForward(model, heads).to(device)
+    run_forward = torch.compile(forward) if compiled else forward
+    targets = _targets(batch, device) if aux else None
     cuda = device.startswith("cuda")
     channels_last = cuda or amp                 # as the trainer: channels-last with CPU bf16
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.Adam(model.parameters(), 3e-4)
+    opt = torch.optim.Adam(forward.parameters(), 3e-4)
     image = torch.randn(batch, 3, cfg.image_size, cfg.image_size, device=device)
     if channels_last:
         image = image.contiguous(memory_format=torch.channels_last)
@@ -47,8 +68,9 @@ def measure(preset: str, batch: int, device: str, amp: bool, steps: int, warmup:
 
     def step():
         with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=amp):
-            out = model(image, tokens, lengths)
+            out, extra = run_forward(image, tokens, lengths, targets)
             loss = F.cross_entropy(out.logits.float(), labels) + 0.01 * load_balancing_loss(out.gates.float(), cfg.layer_sizes)
+            loss = loss + 0.5 * extra.scene + 1.0 * extra.where
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -75,17 +97,26 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--losses", nargs="+", choices=("paper", "both"), default=["paper"],
+                    help="both: with the training-only scene and where losses (issue 28)")
+    ap.add_argument("--compile", action="store_true", help="also measure torch.compile (inductor)")
     a = ap.parse_args(argv)
     modes = [False, True] if a.device.startswith("cuda") or cpu_has_bf16() else [False]
     print(f"device {a.device} ({torch.cuda.get_device_name() if a.device.startswith('cuda') else f'{torch.get_num_threads()} threads'}), "
           f"batch {a.batch_size}, {a.steps} timed steps after {a.warmup} warm-up, torch {torch.__version__}")
-    print(f"{'preset':<10}{'input':>6}{'params M':>10}{'GMACs':>8}{'mode':>7}{'samples/s':>11}{'peak MiB':>10}")
+    print(f"{'preset':<10}{'input':>6}{'params M':>10}{'GMACs':>8}{'mode':>7}{'losses':>8}{'compile':>8}"
+          f"{'samples/s':>11}{'vs first':>9}{'peak MiB':>10}")
     for preset in a.presets:
+        first = None
         for amp in modes:
-            r = measure(preset, a.batch_size, a.device, amp, a.steps, a.warmup)
-            peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "-"
-            print(f"{preset:<10}{r['image']:>6}{r['params_m']:>10.2f}{r['gmacs']:>8.3f}{'bf16' if amp else 'fp32':>7}"
-                  f"{r['samples_s']:>11.1f}{peak:>10}", flush=True)
+            for losses in a.losses:
+                for compiled in ([False, True] if a.compile else [False]):
+                    r = measure(preset, a.batch_size, a.device, amp, a.steps, a.warmup, losses == "both", compiled)
+                    first = first or r["samples_s"]
+                    peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "-"
+                    print(f"{preset:<10}{r['image']:>6}{r['params_m']:>10.2f}{r['gmacs']:>8.3f}"
+                          f"{'bf16' if amp else 'fp32':>7}{losses:>8}{'yes' if compiled else 'no':>8}"
+                          f"{r['samples_s']:>11.1f}{r['samples_s'] / first:>8.2f}x{peak:>10}", flush=True)
     return 0
 
 

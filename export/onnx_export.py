@@ -76,7 +76,8 @@ def build_metadata(state: dict, checkpoint_sha256: str, precision: str) -> dict:
 
 
 # The settings that decide what a model learned (paths and reporting are left out).
-TRAINING_KEYS = ("preset", "epochs", "steps", "batch_size", "lr", "warmup_steps", "load_weight", "seed",
+TRAINING_KEYS = ("preset", "epochs", "steps", "batch_size", "lr", "warmup_steps", "load_weight", "scene_weight",
+                 "where_weight", "seed",
                  "generate_images", "curriculum_objects", "curriculum_steps", "anneal_steps", "precision", "recipe")
 
 

@@ -135,3 +135,19 @@ def test_a_model_trained_with_both_losses_exports_the_papers_graph_and_passes_pa
             sorted(i.name for i in g.initializer)
     ours, papers = signature(out / "model.onnx"), signature(tiny_bundle / "model.onnx")
     assert ours == papers                                          # same inputs, outputs and weights
+
+
+def test_the_cpu_presets_learn_from_scenes_unless_told_otherwise(tiny_data, tmp_path):
+    from qgmrn.train.data import resolve_supervision
+    on = resolve_supervision(tiny_train_config(tiny_data, tmp_path, preset="small-frn"), has_scenes=True)
+    assert (on.scene_weight, on.where_weight) == (0.5, 1.0)
+    for cfg, scenes in ((tiny_train_config(tiny_data, tmp_path, preset="small"), False),     # JSON lines
+                        (tiny_train_config(tiny_data, tmp_path, preset="brn-c32"), True)):   # a paper preset
+        off = resolve_supervision(cfg, scenes)
+        assert (off.scene_weight, off.where_weight) == (0.0, 0.0)
+    told = resolve_supervision(tiny_train_config(tiny_data, tmp_path, preset="small", where_weight=0.0), True)
+    assert (told.scene_weight, told.where_weight) == (0.5, 0.0)
+    run = tmp_path / "run"                                         # the tiny test preset keeps the paper's loss
+    train(tiny_train_config(tiny_data, run, steps=1), **quiet)
+    state = load_checkpoint(run / "ckpt.pt")
+    assert "supervision" not in state and state["train_config"]["scene_weight"] == 0.0

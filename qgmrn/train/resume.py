@@ -32,6 +32,8 @@ def restore_config(saved: dict, given: dict, path) -> TrainConfig:
     setting that contradicts the run is refused."""
     known = field_types(TrainConfig)
     cfg = dict(typed(TrainConfig, {k: v for k, v in saved.items() if k in known}, f"{path}: train_config"))
+    for k in ("scene_weight", "where_weight"):      # runs from before these losses trained without them
+        cfg.setdefault(k, 0.0)
     for k, v in given.items():
         if k in RESUME_MAY_CHANGE:
             cfg[k] = v

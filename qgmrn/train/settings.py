@@ -23,10 +23,11 @@ class TrainConfig:
     warmup_start_lr: float = 3e-6
     anneal_steps: int = 0                    # > 0: the last this many steps decay the lr linearly to 0
     load_weight: float = 0.01                # lambda of the load-balancing loss (eq. 13)
-    scene_weight: float = 0.0                # training only: objects' attributes and presence on the
+    scene_weight: float | None = None        # training only: objects' attributes and presence on the
                                              # final map, from the scene records (0: the paper's loss)
-    where_weight: float = 0.0                # training only: the cells of the objects the question's
-                                             # program points at, on the gated final map
+    where_weight: float | None = None        # training only: the cells of the objects the question's
+                                             # program points at, on the gated final map. None: on for
+                                             # the CPU presets where the data has scenes, else 0
     scene_gates: str = "question"            # the scene loss reads the map under the question's gates,
                                              # or with every module "open" (a second visual pass)
     seed: int = 0
@@ -77,7 +78,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise SettingsError(f"lr must lie in (0, 10), got {cfg.lr}")
     for name in ("load_weight", "scene_weight", "where_weight"):
         value = getattr(cfg, name)
-        if not (math.isfinite(value) and value >= 0.0):
+        if value is not None and not (math.isfinite(value) and value >= 0.0):
             raise SettingsError(f"{name} must be a finite number, not negative, got {value}")
     if cfg.scene_gates not in ("question", "open"):
         raise SettingsError(f"scene_gates must be 'question' or 'open', got {cfg.scene_gates!r}")
