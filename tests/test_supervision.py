@@ -151,3 +151,10 @@ def test_the_cpu_presets_learn_from_scenes_unless_told_otherwise(tiny_data, tmp_
     train(tiny_train_config(tiny_data, run, steps=1), **quiet)
     state = load_checkpoint(run / "ckpt.pt")
     assert "supervision" not in state and state["train_config"]["scene_weight"] == 0.0
+
+
+def test_a_run_from_before_these_losses_resumes_with_the_papers_loss(tiny_data, tmp_path):
+    from qgmrn.train.resume import restore_config
+    saved = {"data_root": str(tiny_data), "preset": "small", "steps": 10, "out": str(tmp_path)}   # no weights
+    cfg = restore_config(saved, {}, tmp_path / "ckpt.pt")
+    assert (cfg.scene_weight, cfg.where_weight) == (0.0, 0.0)
