@@ -167,11 +167,18 @@ class QGMRN(nn.Module):
         return self.head(fmap, q)                                 # (B, A)
 
     def forward(self, image: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> ModelOutput:
+        return self.forward_with_map(image, tokens, lengths)[0]
+
+    def forward_with_map(self, image: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor
+                         ) -> tuple[ModelOutput, torch.Tensor]:
+        """forward, and the question-gated final feature map (B, C, h, w) it classified: what the
+        training-only heads read (qgmrn/train/supervision.py). The exported graph is forward's."""
         q = self.encode_question(tokens, lengths)
         gates, route_logits = self.route(q)
-        logits = self.classify(self.encode_image(image, gates), q)
+        fmap = self.encode_image(image, gates)
+        logits = self.classify(fmap, q)
         return ModelOutput(logits, self.router.to_layers(gates, 0.0),
-                           self.router.to_layers(route_logits, PAD_LOGIT))
+                           self.router.to_layers(route_logits, PAD_LOGIT)), fmap
 
 
 def create_model(name_or_cfg: str | ModelConfig, **overrides) -> QGMRN:

@@ -92,13 +92,7 @@ class TrainingForward(nn.Module):
             output = self.model(image, tokens, lengths)
             zero = output.logits.new_zeros((), dtype=torch.float32)
             return output, AuxLosses(zero, zero)
-        seen: list[torch.Tensor] = []
-        hook = self.model.visual.register_forward_hook(lambda _m, _i, out: seen.append(out))
-        try:
-            output = self.model(image, tokens, lengths)
-        finally:
-            hook.remove()
-        fmap = seen[0]                                                 # (B, C, h, w), the gated map
+        output, fmap = self.model.forward_with_map(image, tokens, lengths)   # fmap: (B, C, h, w), gated
         zero = output.logits.new_zeros((), dtype=torch.float32)
         scene = where = zero
         if self.heads.scene is not None:
