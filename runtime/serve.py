@@ -196,17 +196,23 @@ def main(argv=None) -> int:
         return 2
     serve = _import_serve()
     import ray
+    stopping: list[int] = []
+
+    def catch_signals():            # from the start, and again after Ray has set up its own
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, lambda signum, frame: stopping.append(signum))
+    catch_signals()
     ray.init(address=a.address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    serve.start(http_options={"host": a.host, "port": a.port})
-    app = build_app({"model": a.model, "replicas": a.replicas, "max_batch": a.max_batch,
-                     "batch_wait_ms": a.batch_wait_ms})
-    serve.run(app, name="qgmrn", route_prefix="/")
-    print(f"serving {a.model} on http://{a.host}:{a.port} ({a.replicas} replica(s), batches of up to "
-          f"{a.max_batch}, {a.batch_wait_ms:g} ms wait); Ctrl-C stops", flush=True)
-    stopping = []
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, lambda signum, frame: stopping.append(signum))
+    catch_signals()
     try:
+        serve.start(http_options={"host": a.host, "port": a.port})
+        app = build_app({"model": a.model, "replicas": a.replicas, "max_batch": a.max_batch,
+                         "batch_wait_ms": a.batch_wait_ms})
+        serve.run(app, name="qgmrn", route_prefix="/")
+        catch_signals()
+        if not stopping:            # a Ctrl-C during start-up stops it instead of being lost
+            print(f"serving {a.model} on http://{a.host}:{a.port} ({a.replicas} replica(s), batches of up "
+                  f"to {a.max_batch}, {a.batch_wait_ms:g} ms wait); Ctrl-C stops", flush=True)
         while not stopping:
             time.sleep(0.2)
     finally:

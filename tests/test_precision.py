@@ -96,9 +96,10 @@ def test_batch_preprocessing_on_threads_equals_trainings_and_names_a_bad_image(r
         model.predict_batch([images[0], "no/such.png"], ["What color is it?"] * 2)
 
 
-def test_benchmark_times_every_row_and_writes_the_table(int8_export, tmp_path):
+def test_benchmark_times_every_row_and_writes_the_table(int8_export, tiny_data, tmp_path):
     from export.benchmark import main as bench_main
-    assert bench_main([str(int8_export), "--iters", "1", "--out", str(tmp_path / "bench")]) == 0
+    assert bench_main([str(int8_export), "--data-root", str(tiny_data), "--iters", "1",
+                       "--out", str(tmp_path / "bench")]) == 0
     md = (tmp_path / "bench" / "benchmark.md").read_text()
     data = json.loads((tmp_path / "bench" / "benchmark.json").read_text())
     assert {"onnx-fp32", "onnx-int8", "auto"} <= set(data["timed"])
