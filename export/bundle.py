@@ -14,7 +14,7 @@ import onnx
 import torch
 
 from qgmrn.checkpoint import CheckpointError, check_fits, load_checkpoint, model_from_checkpoint
-from qgmrn.files import remove_stale
+from qgmrn.files import current_umask, remove_stale
 from qgmrn.preprocess import Vocab
 
 from .onnx_export import build_metadata, export_onnx, file_sha256, routing_precision_report
@@ -68,12 +68,6 @@ def remove_own_stages() -> None:
         STAGES.discard(stage)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def staging_dir(out: Path, overwrite: bool = False) -> Path:
     """A fresh directory beside `out` (same filesystem, so publishing is a rename per file)."""
     if out.exists() and not out.is_dir():
@@ -86,7 +80,7 @@ def staging_dir(out: Path, overwrite: bool = False) -> Path:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-        os.chmod(stage, 0o777 & ~_umask())             # mkdtemp makes it private; publish as mkdir would
+        os.chmod(stage, 0o777 & ~current_umask())             # mkdtemp makes it private; publish as mkdir would
         STAGES.add(stage)
         return stage
     except OSError as e:

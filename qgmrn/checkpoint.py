@@ -11,6 +11,7 @@ import torch
 
 from . import __version__
 from .config import ModelConfig
+from .files import current_umask
 from .model import QGMRN
 
 FORMAT = "qgmrn-checkpoint"
@@ -46,7 +47,7 @@ def save_checkpoint(path: str | os.PathLike, *, model: QGMRN, vocab: list[str], 
         state["supervision"] = {k: v.detach().cpu() for k, v in supervision.items()}
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())          # mkstemp makes it 0600; a run's files share one mode
+        os.fchmod(fd, 0o666 & ~current_umask())          # mkstemp makes it 0600; a run's files share one mode
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
@@ -70,12 +71,6 @@ def check_fits(state: dict, model, source) -> None:
     if len(state["vocab"]) != model.cfg.vocab_size:
         raise CheckpointError(f"{source}: its vocabulary ({len(state['vocab'])} words) does not match its "
                               f"embedding ({model.cfg.vocab_size} rows)")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:

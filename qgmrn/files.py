@@ -34,6 +34,13 @@ class Busy(RuntimeError):
     """Another process holds the lock; the message names it."""
 
 
+def current_umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def open_no_link(path: Path, flags: int, mode: int = 0o644) -> int:
     """os.open that never follows a symbolic link at `path`: a link planted there (to make us
     overwrite its target) is removed and the file made afresh. Lock and pid files are ours."""
