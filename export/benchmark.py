@@ -214,8 +214,6 @@ def main(argv=None) -> int:
         a.model = str(Path(a.model).resolve())
     try:
         return _benchmark(a)
-    except SystemExit:
-        raise
     except Exception as e:
         from qgmrn.checkpoint import CheckpointError
         from qgmrn.data.sources import DataError

@@ -13,7 +13,7 @@ import numpy as np
 
 from .errors import ModelError
 from .metadata import METADATA_KEY, check_metadata_against_shapes, check_weights_finite, parse_metadata
-from .precision import Choice, check_sha, rank, read_report, report_rows, require_regular
+from .precision import Choice, check_sha, rank, read_report, report_rows, require_regular, rows_of
 
 log = logging.getLogger("runtime")
 OUTPUTS = ("logits", "gates", "route_logits")
@@ -156,8 +156,7 @@ def check_bundle(directory: Path, onnx_path: Path | None) -> None:
         raise ModelError(f"{directory}: its parity.json says passed={report.get('passed')!r}: this export "
                          "failed its parity check (or never passed it) and is not used")
     if onnx_path is not None:
-        rows, _ = report_rows(directory)
-        sha = (rows.get("onnx-fp32") or {}).get("sha256")
+        sha = (rows_of(report, report_path).get("onnx-fp32") or {}).get("sha256")
         if not sha:
             raise ModelError(f"{report_path}: row 'onnx-fp32' has no sha256 for {onnx_path.name}; re-export")
         check_sha(onnx_path, sha)

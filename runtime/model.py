@@ -120,9 +120,14 @@ class Model:
         one = lambda im: resize_uint8(load_rgb(im), size)      # noqa: E731
         # One image asked several questions is decoded once (the same object, path or bytes):
         # faster, and a lazily opened PIL image is never decoded by two threads at once.
-        first: dict = {}
-        slot = [first.setdefault(_identity(im), len(first)) for im in images]
-        distinct = [images[slot.index(k)] for k in range(len(first))]
+        index: dict = {}
+        distinct, slot = [], []                               # slot: each image's row in distinct
+        for im in images:
+            key = _identity(im)
+            if key not in index:
+                index[key] = len(distinct)
+                distinct.append(im)
+            slot.append(index[key])
         if len(distinct) > 1 and _POOL_SIZE > 1:
             u8 = list(_pool().map(one, distinct))             # the first bad image's error, in order
         else:

@@ -80,12 +80,17 @@ def report_rows(path: Path) -> tuple[dict, Path]:
         report, folder = path.with_suffix(".json"), path.parent
     if not report.exists():
         return {}, folder
-    rows = read_report(report, "a parity report").get("artefacts") or {}
+    return rows_of(read_report(report, "a parity report"), report), folder
+
+
+def rows_of(report: dict, path: Path) -> dict:
+    """The parity rows of a report already read from `path`, each checked field by field."""
+    rows = report.get("artefacts") or {}
     if not isinstance(rows, dict):
-        raise ModelError(f"{report}: its 'artefacts' field is a {type(rows).__name__}, not an object of rows")
+        raise ModelError(f"{path}: its 'artefacts' field is a {type(rows).__name__}, not an object of rows")
     for key, row in rows.items():
-        _check_row(report, key, row)
-    return rows, folder
+        _check_row(path, key, row)
+    return rows
 
 
 def _check_row(report: Path, key: str, row) -> None:

@@ -51,6 +51,11 @@ class ProgramError(ValueError):
 
 def execute(program: list[dict], scene: dict):
     """Run a program on a scene; returns the answer as CLEVR writes it ("yes", "3", "red")."""
+    return _answer_text(_run(program, scene)[-1])
+
+
+def _run(program: list[dict], scene: dict) -> list:
+    """Every node's output, in program order."""
     objs = scene["objects"]
     rel = scene["relationships"]
     outs: list = []
@@ -58,7 +63,10 @@ def execute(program: list[dict], scene: dict):
         fn, args = _fn(node), [outs[i] for i in node.get("inputs", [])]
         vals = node.get("value_inputs", node.get("side_inputs", []))
         outs.append(_step(fn, args, vals, objs, rel))
-    ans = outs[-1]
+    return outs
+
+
+def _answer_text(ans) -> str:
     if isinstance(ans, bool):
         return "yes" if ans else "no"
     return str(ans)
@@ -106,17 +114,12 @@ def _outputs_objects(fn: str) -> bool:
     return fn in _SET_FUNCTIONS or fn == "unique" or fn.startswith(("filter_", "same_"))
 
 
-def pointed_objects(program: list[dict], scene: dict) -> tuple[list[int], object]:
+def pointed_objects(program: list[dict], scene: dict) -> tuple[list[int], str]:
     """(the objects the question points at, the program's answer): the object sets that the last
     object-valued steps hand on to the answer — the object queried, the objects counted or tested
     for existence, the two sets or objects compared. Raises ProgramError (or KeyError, IndexError,
     TypeError on a malformed program) when the program cannot run on the scene."""
-    objs, rel = scene["objects"], scene["relationships"]
-    outs: list = []
-    for node in program:
-        fn, args = _fn(node), [outs[i] for i in node.get("inputs", [])]
-        outs.append(_step(fn, args, node.get("value_inputs", node.get("side_inputs", [])), objs, rel))
-
+    outs = _run(program, scene)
     pointed: set[int] = set()
 
     def collect(i: int) -> None:
@@ -129,5 +132,4 @@ def pointed_objects(program: list[dict], scene: dict) -> tuple[list[int], object
 
     for j in program[-1].get("inputs", []):
         collect(j)
-    answer = outs[-1]
-    return sorted(pointed), ("yes" if answer else "no") if isinstance(answer, bool) else str(answer)
+    return sorted(pointed), _answer_text(outs[-1])

@@ -128,16 +128,19 @@ def _record(out: Path, split: str, index: int) -> Path:
     return out / ".render" / split / f"{index:06d}.json"
 
 
+def _image(out: Path, split: str, index: int) -> Path:
+    return out / "images" / split / f"CLEVR_{split}_{index:06d}.png"
+
+
 def _finished(out: Path, split: str, index: int) -> bool:
     """Its PNG (renamed into place whole) and then its scene record are both there."""
-    image = out / "images" / split / f"CLEVR_{split}_{index:06d}.png"
-    return _record(out, split, index).exists() and image.exists()
+    return _record(out, split, index).exists() and _image(out, split, index).exists()
 
 
 def _damage(out: Path, split: str, index: int, size) -> str | None:
     """What is wrong with a finished image's record or PNG (a rerun re-renders it), or None."""
     from PIL import Image
-    record_path, image = _record(out, split, index), out / "images" / split / f"CLEVR_{split}_{index:06d}.png"
+    record_path, image = _record(out, split, index), _image(out, split, index)
     try:
         record = json.loads(record_path.read_text())
         if not isinstance(record, dict):
@@ -177,7 +180,7 @@ def _verified(out: Path, split: str, n: int, size, log) -> list[int]:
                 continue
             log(f"{split} image {i}: {why}; rendering it again")
             _record(out, split, i).unlink(missing_ok=True)
-            (out / "images" / split / f"CLEVR_{split}_{i:06d}.png").unlink(missing_ok=True)
+            _image(out, split, i).unlink(missing_ok=True)
         todo.append(i)
     return todo
 

@@ -9,6 +9,9 @@ from ..config import ModelConfig, get_config
 from ..settings import SettingsError, typed
 
 
+SCENE_GATES = ("question", "open")      # the map the scene loss reads (qgmrn/train/supervision.py)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     data_root: str | None = None             # CLEVR layout; None and no jsonl: the built-in data
@@ -81,7 +84,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         value = getattr(cfg, name)
         if value is not None and not (math.isfinite(value) and value >= 0.0):
             raise SettingsError(f"{name} must be a finite number, not negative, got {value}")
-    if cfg.scene_gates not in ("question", "open"):
+    if cfg.scene_gates not in SCENE_GATES:
         raise SettingsError(f"scene_gates must be 'question' or 'open', got {cfg.scene_gates!r}")
     if (cfg.scene_weight or cfg.where_weight) and (cfg.jsonl or cfg.humans):
         raise SettingsError("scene_weight and where_weight need CLEVR scene records and programs "

@@ -25,7 +25,6 @@ from ..data.supervision import ATTRIBUTE_ORDER
 from ..model import QGMRN, ModelOutput
 
 CLASSES = tuple(len(ATTRIBUTES[a]) for a in ATTRIBUTE_ORDER)        # colour 8, shape 3, size 2, material 2
-SCENE_GATES = ("question", "open")
 
 
 class AuxLosses(NamedTuple):
