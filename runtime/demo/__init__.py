@@ -1,0 +1,129 @@
+"""A browser page that answers questions about an image and shows the routing the question chose.
+
+    pip install 'qgmrn[demo]'
+    python -m runtime.demo [--model PATH|builtin] [--host 127.0.0.1] [--port 7860]   (runtime/demo/__main__.py)
+
+The same page is at / of `python -m runtime.serve` when the demo extra is installed. The page
+answers through the torch-free runtime (the uploaded file's own bytes, as runtime.answer reads
+them) and draws the routing path: modular layers as rows, modules as cells, executed or skipped
+(paper section 4.6, Figure 3).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import ImageError, ModelError, QuestionError
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+ON, OFF, INK = (37, 99, 235), (229, 231, 235), (31, 41, 55)
+
+
+def examples() -> list[list[str]]:
+    """[image path, question] rows from the shipped scenes (rendered by our Blender renderer)."""
+    doc = json.loads((EXAMPLES / "examples.json").read_text())
+    return [[str(EXAMPLES / e["image"]), q["question"]] for e in doc["examples"] for q in e["questions"]]
+
+
+def routing_picture(gates: list[list[int]], arch: str):
+    """Layers as rows, modules as cells (filled: executed); each row ends with its execution ratio."""
+    from PIL import Image, ImageDraw
+    widest = max(len(g) for g in gates)
+    cell = max(6, min(28, 512 // widest))                  # BRN's few branches large, FRN's filters compact
+    label_w, ratio_w, row_h, top = 70, 110, cell + 14, 30
+    width = label_w + widest * cell + ratio_w
+    im = Image.new("RGB", (width, top + row_h * len(gates) + 8), "white")
+    draw = ImageDraw.Draw(im)
+    what = "filters" if arch == "frn" else "branches"
+    draw.text((8, 8), f"modules each layer ran ({what}; filled: executed, grey: skipped)", fill=INK)
+    for i, layer in enumerate(gates):
+        y = top + i * row_h
+        draw.text((8, y + cell // 2 - 5), f"layer {i + 1}", fill=INK)
+        for j, g in enumerate(layer):
+            x = label_w + j * cell
+            draw.rectangle([x + 1, y + 1, x + cell - 2, y + cell - 2], fill=ON if g else OFF)
+        ran = sum(layer)
+        draw.text((label_w + widest * cell + 10, y + cell // 2 - 5),
+                  f"{ran}/{len(layer)} ({100 * ran / len(layer):.0f}%)", fill=INK)
+    return im
+
+
+def card_line(model) -> str:
+    """What the model is and how well it answers, from the built-in card or the export's metadata."""
+    card_path = Path(str(model.path)).with_suffix(".json")
+    meta = model.metadata
+    name = f"`{Path(str(model.path)).name}` ({meta.get('arch', '?').upper()}, {meta.get('precision', '?')})"
+    if card_path.name == "builtin.json" and card_path.exists():
+        card = json.loads(card_path.read_text())
+        real, data = card.get("real_clevr_all", {}), card.get("data", {})
+        return (f"Built-in model {name}: trained on {data.get('name', 'generated')} scenes "
+                f"({data.get('renderer', '?')} renderer); answers {100 * real.get('overall', 0):.1f}% of "
+                f"{real.get('n', '?')} real CLEVR questions.")
+    return f"Model {name}, trained {meta.get('train_steps', '?')} steps (recipe: {meta.get('recipe') or 'none'})."
+
+
+def answer_page(model, image, question: str):
+    """The page's answer to one submit: (answer, top-5, routing picture, details); a bad input is
+    a gr.Error with one message (shown in the page; the app keeps serving)."""
+    import gradio as gr
+    from ..api import MAX_BODY, BadRequest, check_question
+    path = image.get("path") if isinstance(image, dict) else getattr(image, "path", None)
+    if not path:
+        raise gr.Error("give an image: upload one, drop one on the box, or pick an example below")
+    try:
+        check_question(question)
+        data = Path(path).read_bytes()
+        if len(data) > MAX_BODY:
+            raise BadRequest(413, f"the image file has {len(data)} bytes; at most {MAX_BODY}")
+        pred = model.predict(data, question, top_k=5)
+    except (BadRequest, ImageError, QuestionError, ModelError, OSError) as e:
+        raise gr.Error(str(e).replace("image bytes", "the image")) from None
+    known = ("every word of the question is in the model's vocabulary" if not pred.unknown_words else
+             "words the model never saw (read as unknown): " + ", ".join(pred.unknown_words))
+    why = f" — {model.backend_reason}" if model.backend_reason else ""
+    details = (f"- {known}\n- executed {100 * pred.overall_execution_ratio:.0f}% of the modules\n"
+               f"- answered by {model.backend}{why}\n- {card_line(model)}")
+    return (pred.answer, {a: p for a, p in pred.top_k},
+            routing_picture(pred.gates, str(model.metadata.get("arch", ""))), details)
+
+
+def build_demo(model):
+    """The page as Gradio Blocks (named components; the routing as a picture)."""
+    import gradio as gr
+    with gr.Blocks(title="QGMRN: question-guided routing") as page:
+        gr.Markdown("## QGMRN — ask about a scene, see which modules the question switches on")
+        with gr.Row():
+            with gr.Column():
+                image = gr.Image(label="image", type="filepath", image_mode=None, elem_id="image",
+                                 sources=["upload", "clipboard"])
+                question = gr.Textbox(label="question", placeholder="How many cubes are there?", elem_id="question")
+                submit = gr.Button("Answer", variant="primary", elem_id="submit")
+            with gr.Column():
+                answer = gr.Textbox(label="answer", interactive=False, elem_id="answer")
+                top = gr.Label(label="top-5", num_top_classes=5, elem_id="top5")
+        routing = gr.Image(label="routing path", type="pil", interactive=False, elem_id="routing", format="png")
+        details = gr.Markdown(elem_id="details")
+        gr.Examples(examples(), inputs=[image, question], label="example scenes (rendered by our Blender renderer)")
+        # preprocess=False: the handler reads the uploaded file's own bytes, so a file that is not an
+        # image gets the runtime's message, and an image answers exactly as runtime.answer(path).
+        for trigger in (submit.click, question.submit):
+            trigger(lambda im, q: answer_page(model, im, q), inputs=[image, question],
+                    outputs=[answer, top, routing, details], preprocess=False)
+    return page
+
+
+def mount_demo(app, model) -> bool:
+    """Mount the page at / of a FastAPI app; False (and / says what to install) without Gradio."""
+    try:
+        import gradio as gr
+    except ImportError:
+        from fastapi.responses import JSONResponse
+
+        @app.get("/")
+        async def no_demo():
+            return JSONResponse({"error": "the browser demo needs pip install 'qgmrn[demo]'; the API: POST /answer"},
+                                status_code=404)
+        return False
+    from ..api import MAX_BODY
+    gr.mount_gradio_app(app, build_demo(model), path="/", max_file_size=MAX_BODY, show_error=True)
+    return True

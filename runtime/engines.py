@@ -1,0 +1,112 @@
+"""The two engines behind runtime.api's app: how concurrent requests share the model's batches.
+
+LocalEngine: in this process, on the event loop of the server that runs the app (uvicorn). The
+first request of a batch waits at most `batch_wait_ms` for others, up to `max_batch`; the model
+runs on one worker thread while the loop keeps reading, decoding and queueing, so under load
+the next batch is already waiting when the model is done.
+
+ray_deployment(): the same Answerer as a Ray Serve deployment (`@serve.ingress` over the same app,
+`@serve.batch` per replica), for replicas across a cluster.
+"""
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+from .api import Answerer, make_app
+
+
+def build_asgi(engine: Answerer, demo: bool = True):
+    """The API over `engine`, and the browser page at / when asked for and Gradio is installed."""
+    app = make_app(engine)
+    if demo:
+        from .demo import mount_demo
+        mount_demo(app, engine.model)
+    return app
+
+
+class LocalEngine(Answerer):
+    def __init__(self, model="builtin", max_batch: int = 16, batch_wait_ms: float = 5.0):
+        super().__init__(model)
+        self.max_batch, self.batch_wait = max_batch, batch_wait_ms / 1000.0
+        self._queue: asyncio.Queue | None = None
+        self._task: asyncio.Task | None = None
+        self._runner = ThreadPoolExecutor(1, thread_name_prefix="qgmrn-batch")
+
+    async def submit(self, item: tuple) -> dict:
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._batches())
+        future = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((item, future))
+        return await future
+
+    async def _collect(self) -> list:
+        """One batch: the first queued request, then whatever arrives within the wait, up to max."""
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        batch = [await self._queue.get()]
+        deadline = loop.time() + self.batch_wait
+        while len(batch) < self.max_batch:
+            if not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+                continue
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), left))
+            except asyncio.TimeoutError:
+                break
+        return batch
+
+    async def _batches(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._collect()
+            live = [(item, f) for item, f in batch if not f.done()]        # a cancelled waiter needs no answer
+            if not live:
+                continue
+            try:
+                results = await loop.run_in_executor(self._runner, self.run_batch, [item for item, _ in live])
+            except Exception as e:                      # the model failed: every request of the batch says so
+                for _, f in live:
+                    if not f.done():
+                        f.set_exception(e)
+                continue
+            for (_, f), result in zip(live, results):
+                if not f.done():
+                    f.set_result(result)
+
+    def close(self) -> None:
+        self._runner.shutdown(wait=True)
+
+
+def ray_deployment(replicas: int = 1, max_batch: int = 16, batch_wait_ms: float = 5.0,
+                   max_ongoing: int = 256):
+    """The Ray Serve deployment (built lazily: Ray is an optional extra). `max_ongoing` requests per
+    replica may be in flight (reading bodies, decoding, waiting for a batch) before Ray queues more."""
+    from ray import serve
+
+    @serve.ingress()
+    class QGMRN(Answerer):
+        def __init__(self, model: str = "builtin", max_batch: int = 16, batch_wait_ms: float = 5.0,
+                     demo: bool = True):
+            Answerer.__init__(self, model)
+            self.demo = demo
+            self._batched.set_max_batch_size(max_batch)
+            self._batched.set_batch_wait_timeout_s(batch_wait_ms / 1000.0)
+
+        @serve.batch(max_batch_size=max_batch, batch_wait_timeout_s=batch_wait_ms / 1000.0)
+        async def _batched(self, items: list) -> list[dict]:
+            return await asyncio.to_thread(self.run_batch, items)
+
+        async def submit(self, item: tuple) -> dict:
+            return await self._batched(item)
+
+        def __serve_build_asgi_app__(self):
+            return build_asgi(self, self.demo)
+
+    return serve.deployment(QGMRN, name="qgmrn", num_replicas=replicas, ray_actor_options={"num_cpus": 0},
+                            max_ongoing_requests=max_ongoing)
