@@ -1,11 +1,13 @@
-"""Load test of python -m runtime.serve on loopback, next to a single process answering serially.
+"""Load test of python -m runtime.serve on loopback, both engines next to one process answering serially.
 
-    python bench/serve_load.py [--model builtin] [--clients 8] [--requests 250] [--replicas 1 2]
-        [--max-batch 16] [--batch-wait-ms 5] [--max-seconds 300] [--out docs/bench/serve_load]
+    python bench/serve_load.py [--model builtin] [--clients 8] [--requests 250] [--engines local ray]
+        [--replicas 1] [--max-batch 16] [--batch-wait-ms 5] [--max-seconds 300] [--ceiling]
+        [--out docs/bench/serve_load]
 
-For each replica count: start the server on a free loopback port, send clients x requests
-POST /answer (multipart, real CLEVR images from ../shared/data, questions in turn), bounded in
-time; report throughput, p50/p99 latency, errors and how many answers equal the serial
+For each engine (and, for Ray, each replica count): start the server on a free loopback port, send
+clients x requests POST /answer (multipart, real CLEVR images from ../shared/data, questions in
+turn; each client keeps its connection open, as HTTP clients do), bounded in time; report
+throughput, p50/p99 latency, errors, the mean batch size and how many answers equal the serial
 runtime.answer for the same input. The serial row is this process calling runtime.answer on the
 same requests, one after another, in the same run. Writes Markdown and JSON.
 """
@@ -48,15 +50,27 @@ def multipart(image: bytes, question: str) -> tuple[bytes, str]:
     return body + b"--" + boundary.encode() + b"--\r\n", f"multipart/form-data; boundary={boundary}"
 
 
-def post(url: str, body: bytes, ctype: str) -> tuple[int, dict, float]:
-    t = time.perf_counter()
-    req = urllib.request.Request(url, data=body, headers={"content-type": ctype})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read()), time.perf_counter() - t
-    except urllib.error.HTTPError as e:
-        return e.code, {}, time.perf_counter() - t
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
+class Client:
+    """One HTTP/1.1 connection, kept open between requests and reopened when the server closes it."""
+
+    def __init__(self, url: str):
+        from urllib.parse import urlparse
+        u = urlparse(url)
+        self.host, self.port, self.conn = u.hostname, u.port, None
+
+    def post(self, path: str, body: bytes, ctype: str) -> tuple[int, dict, float]:
+        import http.client
+        t = time.perf_counter()
+        for attempt in (0, 1):
+            try:
+                if self.conn is None:
+                    self.conn = http.client.HTTPConnection(self.host, self.port, timeout=60)
+                self.conn.request("POST", path, body, {"content-type": ctype})
+                r = self.conn.getresponse()
+                data = r.read()
+                return r.status, json.loads(data) if r.status == 200 else {}, time.perf_counter() - t
+            except (http.client.HTTPException, ConnectionError, TimeoutError, OSError):
+                self.conn = None                            # closed by the server: one retry on a new one
         return 0, {}, time.perf_counter() - t
 
 
@@ -79,14 +93,15 @@ def echo_server(port: int, replicas: int) -> int:
         time.sleep(1)
 
 
-def start_server(a, replicas: int, echo: bool = False) -> tuple[subprocess.Popen, str]:
+def start_server(a, engine: str, replicas: int, echo: bool = False) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}
     cmd = ([sys.executable, __file__, "--echo-port", str(port), "--replicas", str(replicas)] if echo else
-           [sys.executable, "-m", "runtime.serve", "--model", a.model, "--port", str(port),
-            "--replicas", str(replicas), "--max-batch", str(a.max_batch), "--batch-wait-ms", str(a.batch_wait_ms)])
+           [sys.executable, "-m", "runtime.serve", "--engine", engine, "--model", a.model, "--port", str(port),
+            "--max-batch", str(a.max_batch), "--batch-wait-ms", str(a.batch_wait_ms), "--no-demo"]
+           + (["--replicas", str(replicas)] if engine == "ray" else []))
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
@@ -106,11 +121,11 @@ def load(url: str, jobs: list, clients: int, max_seconds: float) -> dict:
     chunks = [jobs[i::clients] for i in range(clients)]
 
     def client(mine):
-        out = []
+        out, http = [], Client(url)
         for k, (image, question, _) in mine:
             if time.perf_counter() > deadline:
                 break
-            status, body, seconds = post(url + "/answer", *multipart(image, question))
+            status, body, seconds = http.post("/answer", *multipart(image, question))
             out.append((k, status, body.get("answer"), seconds, body.get("batch_size", 0)))
         return out
     t = time.perf_counter()
@@ -131,7 +146,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="builtin")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--requests", type=int, default=250, help="per client")
-    ap.add_argument("--replicas", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--engines", nargs="+", choices=["local", "ray"], default=["local", "ray"])
+    ap.add_argument("--replicas", type=int, nargs="+", default=[1], help="Ray replica counts to load")
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--batch-wait-ms", type=float, default=5.0)
     ap.add_argument("--max-seconds", type=float, default=300, help="per load run")
@@ -148,37 +164,45 @@ def main(argv=None) -> int:
     n = a.clients * a.requests
     requests = [(images[i % len(images)], QUESTIONS[i % len(QUESTIONS)]) for i in range(n)]
     model = runtime.load(a.model)
+    serial, lat = [], []
     t = time.perf_counter()
-    serial = [model.answer(img, q) for img, q in requests]              # the reference and the baseline
+    for img, q in requests:                                          # the reference and the baseline
+        s0 = time.perf_counter()
+        serial.append(model.answer(img, q))
+        lat.append(time.perf_counter() - s0)
     serial_s = time.perf_counter() - t
     jobs = [(k, (img, q, ans)) for k, ((img, q), ans) in enumerate(zip(requests, serial))]
     rows = [{"setup": "one process, runtime.answer serially", "requests": n, "errors": 0,
              "seconds": round(serial_s, 2), "answers_per_s": round(n / serial_s, 1),
-             "p50_ms": round(1000 * serial_s / n, 1), "p99_ms": None, "equal_to_serial": n, "mean_batch": 1}]
+             "p50_ms": round(float(np.percentile(lat, 50)) * 1000, 1),
+             "p99_ms": round(float(np.percentile(lat, 99)) * 1000, 1), "equal_to_serial": n, "mean_batch": 1}]
     print(f"serial: {rows[0]['answers_per_s']} answers/s", flush=True)
-    runs = [(r, False) for r in a.replicas] + ([(1, True)] if a.ceiling else [])
-    for replicas, echo in runs:
-        proc, url = start_server(a, replicas, echo)
+    runs = ([("local", 1, False)] if "local" in a.engines else []) + \
+        ([("ray", r, False) for r in a.replicas] + ([("ray", 1, True)] if a.ceiling else []) if "ray" in a.engines else [])
+    for engine, replicas, echo in runs:
+        proc, url = start_server(a, engine, replicas, echo)
         what = "constant answer, no model (the engine's ceiling)" if echo else f"{a.clients} clients"
+        name = "local engine (uvicorn, in-process batching)" if engine == "local" else f"Ray engine, {replicas} replica(s)"
         try:
             load(url, jobs[:4 * a.clients], a.clients, 30)      # warm-up, not counted
-            row = {"setup": f"Ray Serve, {replicas} replica(s), {what}", **load(url, jobs, a.clients, a.max_seconds)}
+            row = {"setup": f"{name}, {what}", **load(url, jobs, a.clients, a.max_seconds)}
             if echo:
                 row["equal_to_serial"] = "-"
         finally:
             proc.terminate()
             proc.wait(60)
         row["vs_serial"] = round(row["answers_per_s"] / rows[0]["answers_per_s"], 2)
+        row["p99_over_p50"] = round(row["p99_ms"] / row["p50_ms"], 2)
         rows.append(row)
         print(json.dumps(row), flush=True)
     head = (f"Loopback load test, {a.clients} clients x {a.requests} requests, model {a.model}, max batch "
             f"{a.max_batch}, wait {a.batch_wait_ms:g} ms; {os.cpu_count()} cores ({cpu_name()}); "
             "`python bench/serve_load.py`")
-    lines = [head, "", "| setup | requests | errors | answers/s | vs serial | p50 ms | p99 ms | equal to serial | mean batch |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [head, "", "| setup | requests | errors | answers/s | vs serial | p50 ms | p99 ms | p99/p50 | equal to serial "
+                       "| mean batch |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['setup']} | {r['requests']} | {r['errors']} | {r['answers_per_s']} | {r.get('vs_serial', 1.0)} | "
-                     f"{r['p50_ms']} | {r['p99_ms'] if r['p99_ms'] is not None else '-'} | {r['equal_to_serial']} | "
+                     f"{r['p50_ms']} | {r['p99_ms']} | {r.get('p99_over_p50', '-')} | {r['equal_to_serial']} | "
                      f"{r['mean_batch']} |")
     text = "\n".join(lines)
     print(text)

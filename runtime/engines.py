@@ -11,6 +11,7 @@ ray_deployment(): the same Answerer as a Ray Serve deployment (`@serve.ingress` 
 from __future__ import annotations
 
 import asyncio
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 from .api import Answerer, make_app
@@ -83,6 +84,24 @@ class LocalEngine(Answerer):
         self._runner.shutdown(wait=True)
 
 
+LOOPBACK_ENV = "QGMRN_RAY_LOOPBACK"        # set by runtime.serve when it starts Ray for a loopback server
+
+
+def _replica_grpc_on_loopback() -> None:
+    """Ray Serve binds each replica's gRPC server (how its proxy reaches it) to [::]:0, every
+    interface, whatever the node's IP; on a one-machine, loopback-only server bind it to
+    127.0.0.1 instead (tests/test_serve_lifecycle.py checks every listening socket)."""
+    from ray.serve._private import replica
+    add = replica.add_port_to_grpc_server
+    if getattr(add, "loopback", False):
+        return
+
+    def add_on_loopback(server, address: str):
+        return add(server, address.replace("[::]:", "127.0.0.1:", 1))
+    add_on_loopback.loopback = True                 # type: ignore[attr-defined]
+    replica.add_port_to_grpc_server = add_on_loopback
+
+
 def ray_deployment(replicas: int = 1, max_batch: int = 16, batch_wait_ms: float = 5.0,
                    max_ongoing: int = 256):
     """The Ray Serve deployment (built lazily: Ray is an optional extra). `max_ongoing` requests per
@@ -93,6 +112,8 @@ def ray_deployment(replicas: int = 1, max_batch: int = 16, batch_wait_ms: float 
     class QGMRN(Answerer):
         def __init__(self, model: str = "builtin", max_batch: int = 16, batch_wait_ms: float = 5.0,
                      demo: bool = True):
+            if os.environ.get(LOOPBACK_ENV) == "1":
+                _replica_grpc_on_loopback()
             Answerer.__init__(self, model)
             self.demo = demo
             self._batched.set_max_batch_size(max_batch)

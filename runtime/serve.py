@@ -168,6 +168,8 @@ def start_ray_on_loopback(ray) -> None:
     a server bound to loopback must not expose Ray's unauthenticated ports, so that one conversion
     is skipped here. Checked after start: the node's IP must be loopback."""
     from ray._private import services
+    from .engines import LOOPBACK_ENV
+    os.environ[LOOPBACK_ENV] = "1"                  # the replicas' own gRPC servers too (engines.py)
     resolve = services.resolve_ip_for_localhost
     services.resolve_ip_for_localhost = lambda host: host
     try:

@@ -29,7 +29,7 @@ def routing_picture(gates: list[list[int]], arch: str):
     """Layers as rows, modules as cells (filled: executed); each row ends with its execution ratio."""
     from PIL import Image, ImageDraw
     widest = max(len(g) for g in gates)
-    cell = max(6, min(28, 512 // widest))                  # BRN's few branches large, FRN's filters compact
+    cell = max(10, min(32, 800 // widest))                 # BRN's few branches large, FRN's filters compact
     label_w, ratio_w, row_h, top = 70, 110, cell + 14, 30
     width = label_w + widest * cell + ratio_w
     im = Image.new("RGB", (width, top + row_h * len(gates) + 8), "white")
