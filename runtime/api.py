@@ -20,6 +20,7 @@ import logging
 import math
 import re
 import time
+from pathlib import Path
 
 from .errors import ImageError, QuestionError
 
@@ -292,7 +293,7 @@ class Answerer:
     def card(self) -> dict:
         m = self.model
         meta = {k: v for k, v in m.metadata.items() if k not in ("vocab", "answers")}
-        return {"model": m.path.name, "backend": m.backend, "backend_reason": m.backend_reason,
+        return {"model": Path(m.path).name, "backend": m.backend, "backend_reason": m.backend_reason,
                 "answers": m.answers, "vocabulary_size": len(m.vocab), "image_size": m.image_size,
                 "max_question_len": m.max_question_len, "metadata": meta}
 

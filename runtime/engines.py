@@ -110,14 +110,11 @@ def ray_deployment(replicas: int = 1, max_batch: int = 16, batch_wait_ms: float 
 
     @serve.ingress()
     class QGMRN(Answerer):
-        def __init__(self, model: str = "builtin", max_batch: int = 16, batch_wait_ms: float = 5.0,
-                     demo: bool = True):
+        def __init__(self, model: str = "builtin", demo: bool = True):
             if os.environ.get(LOOPBACK_ENV) == "1":
                 _replica_grpc_on_loopback()
             Answerer.__init__(self, model)
             self.demo = demo
-            self._batched.set_max_batch_size(max_batch)
-            self._batched.set_batch_wait_timeout_s(batch_wait_ms / 1000.0)
 
         @serve.batch(max_batch_size=max_batch, batch_wait_timeout_s=batch_wait_ms / 1000.0)
         async def _batched(self, items: list) -> list[dict]:

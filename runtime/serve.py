@@ -50,7 +50,8 @@ def build_app(args: dict):
     if replicas < 1 or not 1 <= max_batch <= MAX_BATCH or not (math.isfinite(wait) and 0 <= wait <= MAX_WAIT_MS):
         raise ValueError(f"replicas >= 1, max_batch in 1..{MAX_BATCH}, batch_wait_ms in 0..{MAX_WAIT_MS:g}")
     demo = str(args.get("demo", True)).lower() not in ("0", "false", "no")
-    return ray_deployment(replicas, max_batch, wait).bind(args.get("model", "builtin"), max_batch, wait, demo)
+    # the batch settings are the decorator's (ray_deployment builds the class with them)
+    return ray_deployment(replicas, max_batch, wait).bind(args.get("model", "builtin"), demo)
 
 
 def is_loopback(host: str) -> bool:

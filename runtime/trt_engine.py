@@ -80,7 +80,7 @@ class TrtRunner:
         self._stream = _check(self._cudart.cudaStreamCreate())
         self._lock = threading.Lock()
         self._ptrs: dict[str, int] = {}
-        self._alloc_key = None
+        self._alloc_key: tuple | None = None      # the input shapes the buffers were sized for
         profile = info.get("profile", {})
         self.max_batch = int(profile.get("max_batch", 64))
         self.max_len = int(profile.get("max_len", 0))
