@@ -72,7 +72,7 @@ def test_concurrent_requests_are_batched_and_answer_as_serial_calls(server, real
     assert [r["answer"] for _, r in results] == [runtime.answer(str(p), q) for p, q in jobs]
     assert max(r["batch_size"] for _, r in results) > 1            # requests really were batched
     status, stats = request(url + "/stats")
-    assert status == 200 and stats["answered"] >= 24 and stats["mean_batch"] > 1
+    assert status == 200 and stats["answered"] >= len(jobs) and stats["mean_batch"] > 1
 
 
 def test_the_model_card_and_health(server):
