@@ -113,3 +113,26 @@ def test_the_page_answers_a_real_image_as_runtime_answer_and_survives_a_non_imag
     other = sorted((real_sample / "images" / "val").glob("*.png"))[1]
     assert _ask(browser, other, QUESTION, _answer_shown) == runtime.answer(str(other), QUESTION)
     assert proc.poll() is None, output(proc)
+
+
+@pytest.mark.skipif(not (HAVE["local"] and HAVE_GRADIO), reason="the demo extra is not installed (pip install 'qgmrn[demo]')")
+@pytest.mark.parametrize("make, question, message", [
+    (lambda d: None, QUESTION, "give an image"),
+    (lambda d: d / "notes.png", QUESTION, "not an image format"),
+    (lambda d: d / "scene.png", "   ", "non-empty question"),
+    (lambda d: d / "scene.png", "is " * 400 + "it?", "characters"),
+    (lambda d: d / "scene.png", "Is there " + "a red cube and " * 30 + "a ball?", "tokens"),
+    (lambda d: d / "huge.png", QUESTION, "megapixels"),
+])
+def test_bad_input_is_one_message_in_the_page(tmp_path, real_sample, make, question, message):
+    """What the page shows for each mistake: gr.Error's one line (the page keeps serving)."""
+    import gradio as gr
+    from PIL import Image
+    from runtime.demo import answer_page
+    shutil.copy(sorted((real_sample / "images" / "val").glob("*.png"))[0], tmp_path / "scene.png")
+    (tmp_path / "notes.png").write_bytes(b"these are not pixels")
+    Image.new("1", (9000, 9000)).save(tmp_path / "huge.png")
+    path = make(tmp_path)
+    with pytest.raises(gr.Error) as e:
+        answer_page(runtime.load("builtin"), None if path is None else {"path": str(path)}, question)
+    assert message in e.value.message and "Traceback" not in e.value.message
