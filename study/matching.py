@@ -7,10 +7,12 @@ not the second sees but does not match.
 
     python -m qgmrn.data.generate --renderer blender --out D --images 2000 --val-images 300 \
         --size 128 85 --samples 32 --objects 1 1           # or the Pillow renderer, --objects 1 1
-    python study/matching.py make D                         # -> D/matching/{train,val}.jsonl
+    python study/matching.py make D                         # -> D/matching/{train,val}.jsonl, D/matching/clevr
     python -m qgmrn.train --jsonl D/matching/train.jsonl D/matching/val.jsonl --preset small-frn \
         --out runs/match-frn --steps 6000 --set eval_every=250 --set eval_every_epoch=false
     python study/film.py --jsonl D/matching/train.jsonl D/matching/val.jsonl --out runs/match-film ...
+    python -m qgmrn.train --data-root D/matching/clevr --preset small-frn --out runs/match-frn-both \
+        --steps 6000 --set eval_every=250 --set eval_every_epoch=false --set scene_weight=0.5 --set where_weight=1
     python study/matching.py report runs/match-* --out docs/learning/matching
 
 Questions per scene (types / subtypes in the JSONL, so the trainer reports each):
@@ -29,6 +31,8 @@ import random
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout
+
 COLORS = ["gray", "red", "blue", "green", "brown", "purple", "cyan", "yellow"]
 SHAPES = ["cube", "sphere", "cylinder"]
 SIZES = ["large", "small"]
@@ -41,15 +45,25 @@ def _other(rng: random.Random, values: list[str], true: str) -> str:
     return rng.choice([v for v in values if v != true])
 
 
+def _program(*steps: tuple[str, str | None]) -> list[dict]:
+    """A chain of CLEVR nodes from `scene`: [("filter_color", "red"), ("exist", None)] ->
+    scene -> filter_color[red] -> exist."""
+    nodes = [{"function": "scene", "inputs": [], "value_inputs": []}]
+    for fn, value in steps:
+        nodes.append({"function": fn, "inputs": [len(nodes) - 1], "value_inputs": [] if value is None else [value]})
+    return nodes
+
+
 def scene_questions(obj: dict, rng: random.Random) -> list[dict]:
-    """The nine questions about a one-object scene: five that match, four that query."""
+    """The nine questions about a one-object scene: five that match, four that query, each with the
+    CLEVR program that answers it (so the trainer's scene and where losses can use them)."""
     qs = []
     for attr, phrase in (("color", "Is there a {} thing?"), ("shape", "Is there a {}?"),
                          ("size", "Is there a {} thing?"), ("material", "Is the thing {}?")):
         yes = rng.random() < 0.5
         value = obj[attr] if yes else _other(rng, VALUES[attr], obj[attr])
         qs.append({"question": phrase.format(value), "answer": "yes" if yes else "no", "type": "match",
-                   "subtype": f"match_{attr}"})
+                   "subtype": f"match_{attr}", "program": _program((f"filter_{attr}", value), ("exist", None))})
     yes = rng.random() < 0.5
     color, shape = obj["color"], obj["shape"]
     if not yes:                                 # one or both named values wrong, each case as often
@@ -57,31 +71,49 @@ def scene_questions(obj: dict, rng: random.Random) -> list[dict]:
         color = _other(rng, COLORS, color) if wrong in ("color", "both") else color
         shape = _other(rng, SHAPES, shape) if wrong in ("shape", "both") else shape
     qs.append({"question": f"Is there a {color} {shape}?", "answer": "yes" if yes else "no", "type": "match",
-               "subtype": "match_pair"})
+               "subtype": "match_pair",
+               "program": _program(("filter_color", color), ("filter_shape", shape), ("exist", None))})
     for attr, question in (("color", "What color is the thing?"), ("shape", "What shape is the thing?"),
                            ("size", "What size is the thing?"), ("material", "What material is the thing?")):
         qs.append({"question": question, "answer": obj[attr], "type": "query_attribute",
-                   "subtype": f"query_{attr}"})
+                   "subtype": f"query_{attr}", "program": _program(("unique", None), (f"query_{attr}", None))})
     return qs
 
 
 def make(root: Path, seed: int = 0) -> dict[str, int]:
-    """Write ROOT/matching/{train,val}.jsonl from ROOT's one-object scenes; returns counts."""
+    """Write ROOT/matching/{train,val}.jsonl from ROOT's one-object scenes, and the same questions
+    with their programs in CLEVR's layout under ROOT/matching/clevr (images and scenes linked), for
+    `--data-root` with the scene and where losses; returns counts."""
+    from qgmrn.data.programs import execute
     out = root / "matching"
+    clevr = out / "clevr"
     counts = {}
     for split in ("train", "val"):
         scenes = json.loads((root / "scenes" / f"CLEVR_{split}_scenes.json").read_text())["scenes"]
         rng = random.Random(f"{seed}/{split}")
-        rows = []
+        rows, records = [], []
         for scene in scenes:
             if len(scene["objects"]) != 1:
                 raise SystemExit(f"error: {root}: scene {scene['image_filename']} has {len(scene['objects'])} "
                                  "objects; generate the data with --objects 1 1")
             image = Path("..") / "images" / split / scene["image_filename"]
-            rows += [{"image": str(image), **q} for q in scene_questions(scene["objects"][0], rng)]
+            for q in scene_questions(scene["objects"][0], rng):
+                if execute(q["program"], scene) != q["answer"]:          # the program says what the words say
+                    raise AssertionError(f"{scene['image_filename']}: {q['question']} -> {q['answer']}, "
+                                         f"its program -> {execute(q['program'], scene)}")
+                rows.append({"image": str(image), **{k: v for k, v in q.items() if k != "program"}})
+                records.append({**q, "image_filename": scene["image_filename"], "image_index": scene.get("image_index"),
+                                "split": split, "question_index": len(records)})
         out.mkdir(exist_ok=True)
         (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (clevr / "questions").mkdir(parents=True, exist_ok=True)
+        (clevr / "questions" / f"CLEVR_{split}_questions.json").write_text(
+            json.dumps({"info": {"split": split, "generator": "study/matching.py", "seed": seed}, "questions": records}))
         counts[split] = len(rows)
+    for kind in ("images", "scenes"):
+        link = clevr / kind
+        if not link.exists():
+            link.symlink_to(Path("..") / ".." / kind)
     return counts
 
 

@@ -166,6 +166,10 @@ def test_bad_input_names_the_file_and_record(tmp_path, real_sample):
     (root / "questions/CLEVR_train_questions.json").write_text('{"questions": [{"question": "x?"}]}')
     with pytest.raises(DataError, match="record 0: missing field 'image_filename'"):
         load_clevr(root, "train")
+    (root / "questions/CLEVR_train_questions.json").write_text(
+        '{"questions": [{"question": "x?", "image_filename": "a.png", "answer": "no", "type": 3}]}')
+    with pytest.raises(DataError, match="record 0: field 'type' should be a string, got int"):
+        load_clevr(root, "train")
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes((real_sample / "images/val/CLEVR_val_000010.png").read_bytes()[:300])
     with pytest.raises(ImageError, match="corrupt.png"):

@@ -147,6 +147,31 @@ def test_matching_set_trains_and_reports_samples_to_95(one_object_data, tmp_path
                       "--image-size", "32"]) == 0
 
 
+def test_matching_in_clevr_layout_trains_with_scene_and_where_losses(one_object_data, tmp_path):
+    """The same questions with programs: every program runs on its scene to the question's answer,
+    so every question has a where target (the object when it matches, none when it does not), and
+    the trainer reports the set's own match/query types."""
+    matching = _module("matching")
+    matching.make(one_object_data)
+    root = one_object_data / "matching" / "clevr"
+    from qgmrn.data.sources import load_clevr
+    from qgmrn.data.supervision import load_scene_targets
+    samples = load_clevr(root, "train")
+    assert len(samples) == 12 * 9 and {s.qtype for s in samples} == {"match", "query_attribute"}
+    targets = load_scene_targets(root, "train", len(samples))
+    assert targets.where_ok.all() and not targets.skipped
+    yes = np.array([s.answer == "yes" for s in samples])
+    match = np.array([s.qtype == "match" for s in samples])
+    assert (targets.pointed[match].any(axis=1) == yes[match]).all()      # "no": the program selects nothing
+    assert targets.pointed[~match].sum(axis=1).tolist() == [1] * int((~match).sum())   # a query: the one object
+    from qgmrn.train import train
+    from conftest import tiny_train_config
+    out = tmp_path / "run"
+    train(tiny_train_config(str(root), out, eval_every=2, eval_every_epoch=False, scene_weight=0.5, where_weight=1.0))
+    val = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"val"' in x]
+    assert val and {"match", "query_attribute"} <= set(val[-1]["per_type"]) and "match_pair" in val[-1]["per_subtype"]
+
+
 def test_a_scene_with_more_objects_is_refused(tiny_data):
     with pytest.raises(SystemExit, match="--objects 1 1"):
         _module("matching").make(tiny_data)

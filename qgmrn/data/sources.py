@@ -87,7 +87,8 @@ def _question_list(path: Path, layout: str) -> list:
 
 
 def _from_records(records: list, path: Path, image_dir: Path, require_answers: bool) -> list[Sample]:
-    """CLEVR-schema records -> samples; type and subtype from the program where there is one."""
+    """CLEVR-schema records -> samples; type and subtype from the record's own "type"/"subtype" fields
+    where it has them, else from its program where there is one."""
     samples = []
     for i, rec in enumerate(records):
         question = _field(rec, "question", path, i)
@@ -96,7 +97,12 @@ def _from_records(records: list, path: Path, image_dir: Path, require_answers: b
         if answer is None and require_answers:
             raise DataError(f"{path}: record {i}: question {question!r} has no answer in a training split")
         subtype = qtype = None
-        if rec.get("program"):
+        for key in ("type", "subtype"):        # a data set's own labels (CLEVR's files have none)
+            if rec.get(key) is not None and not isinstance(rec[key], str):
+                raise DataError(f"{path}: record {i}: field {key!r} should be a string, got {type(rec[key]).__name__}")
+        if rec.get("type") or rec.get("subtype"):
+            qtype, subtype = rec.get("type"), rec.get("subtype")
+        elif rec.get("program"):
             try:
                 subtype = program_subtype(rec["program"])
             except (ValueError, KeyError, TypeError, IndexError) as e:
