@@ -155,8 +155,12 @@ def _cell(hit: dict | None, last: int) -> str:
     return f"{hit['samples'] // 1000}k{sec}"
 
 
-def report(runs: list[Path], out: Path | None) -> str:
+def report(runs: list[Path], out: Path | None, earlier: Path | None = None) -> str:
+    """The table (and with `out`, matching.json/.md and the curves) of `runs`, after the runs of an
+    earlier report's matching.json when given (their names marked with an asterisk)."""
     results = [summarize_run(r) for r in runs]
+    if earlier is not None:
+        results = [{**r, "run": r["run"] + "*"} for r in json.loads(earlier.read_text())] + results
     subtypes = ["color", "shape", "size", "material", "pair"]
     lines = ["| run | overall to 95% | match to 95% | query to 95% | last: samples | overall | "
              + " | ".join(f"match {s}" for s in subtypes) + " | " + " | ".join(f"query {s}" for s in subtypes[:4]) + " |",
@@ -218,12 +222,13 @@ def main(argv=None) -> int:
     r = sub.add_parser("report", help="samples to 95%% per run, and the last accuracies")
     r.add_argument("runs", type=Path, nargs="+")
     r.add_argument("--out", type=Path)
+    r.add_argument("--earlier", type=Path, help="an earlier report's matching.json: its runs join the table (marked *)")
     a = ap.parse_args(argv)
     if a.cmd == "make":
         counts = make(a.data, a.seed)
         print(f"wrote {a.data / 'matching'}: " + ", ".join(f"{k} {v} questions" for k, v in counts.items()))
     else:
-        print(report(a.runs, a.out))
+        print(report(a.runs, a.out, a.earlier))
     return 0
 
 

@@ -141,6 +141,8 @@ def test_matching_set_trains_and_reports_samples_to_95(one_object_data, tmp_path
     assert "match_pair" in val[-1]["per_subtype"]
     table = matching.report([out], tmp_path / "docs")
     assert "| run |" in table and (tmp_path / "docs" / "matching.json").exists()
+    again = matching.report([out], None, earlier=tmp_path / "docs" / "matching.json")   # an earlier report's runs join
+    assert again.count("| run* |") == 2 and again.count("| run |") == table.count("| run |")    # both tables
     film = _module("film")
     assert film.main(["--jsonl", *(str(one_object_data / "matching" / f"{s}.jsonl") for s in ("train", "val")),
                       "--out", str(tmp_path / "f"), "--steps", "2", "--batch-size", "8", "--eval-every", "2",
