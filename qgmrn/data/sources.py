@@ -68,6 +68,18 @@ def _field(rec, key, path, i, kind=str):
     return value
 
 
+def _own_labels(rec, path, where: str) -> tuple[str | None, str | None]:
+    """A record's own "type" and "subtype" (None where absent); DataError when one is not a string."""
+    labels = []
+    for key in ("type", "subtype"):
+        value = rec.get(key) if isinstance(rec, dict) else None
+        if value is not None and not isinstance(value, str):
+            raise DataError(f"{path}: {where}: field {key!r} should be a string, got "
+                            f"{type(value).__name__} {json.dumps(value)[:40]}")
+        labels.append(value)
+    return labels[0], labels[1]
+
+
 def _check_images(samples: list[Sample], source: Path) -> None:
     missing = [s.image for s in samples if not os.path.exists(s.image)]
     if missing:
@@ -96,13 +108,8 @@ def _from_records(records: list, path: Path, image_dir: Path, require_answers: b
         answer = rec.get("answer")
         if answer is None and require_answers:
             raise DataError(f"{path}: record {i}: question {question!r} has no answer in a training split")
-        subtype = qtype = None
-        for key in ("type", "subtype"):        # a data set's own labels (CLEVR's files have none)
-            if rec.get(key) is not None and not isinstance(rec[key], str):
-                raise DataError(f"{path}: record {i}: field {key!r} should be a string, got {type(rec[key]).__name__}")
-        if rec.get("type") or rec.get("subtype"):
-            qtype, subtype = rec.get("type"), rec.get("subtype")
-        elif rec.get("program"):
+        qtype, subtype = _own_labels(rec, path, f"record {i}")     # a data set's own (CLEVR's files have none)
+        if not (qtype or subtype) and rec.get("program"):
             try:
                 subtype = program_subtype(rec["program"])
             except (ValueError, KeyError, TypeError, IndexError) as e:
@@ -163,11 +170,7 @@ def load_jsonl(path: str | os.PathLike, require_answers: bool = True) -> list[Sa
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}: line {lineno}: not valid JSON ({e})") from e
             where = f"line {lineno}"
-            for key in ("type", "subtype"):
-                value = rec.get(key) if isinstance(rec, dict) else None
-                if value is not None and not isinstance(value, str):
-                    raise DataError(f"{path}: {where}: field {key!r} should be a string, got "
-                                    f"{type(value).__name__} {json.dumps(value)[:40]}")
+            qtype, subtype = _own_labels(rec, path, where)
             image = _field(rec, "image", path, where)
             question = _field(rec, "question", path, where)
             if not any(w[0].isalnum() for w in tokenize(question)):     # what Vocab.encode refuses
@@ -179,7 +182,7 @@ def load_jsonl(path: str | os.PathLike, require_answers: bool = True) -> list[Sa
                 raise DataError(f"{path}: {where}: field 'answer' should be a string (or an integer), "
                                 f"got {type(answer).__name__} {json.dumps(answer)[:40]}")
             samples.append(Sample(str((path.parent / image).resolve()), question,
-                                  None if answer is None else str(answer), rec.get("type"), rec.get("subtype")))
+                                  None if answer is None else str(answer), qtype, subtype))
     if not samples:
         raise DataError(f"{path}: no records")
     _check_images(samples, path)
