@@ -177,3 +177,28 @@ def test_matching_in_clevr_layout_trains_with_scene_and_where_losses(one_object_
 def test_a_scene_with_more_objects_is_refused(tiny_data):
     with pytest.raises(SystemExit, match="--objects 1 1"):
         _module("matching").make(tiny_data)
+
+
+def test_builtin_curves_put_two_runs_side_by_side_per_type(tmp_path, capsys):
+    """A run's rendered-val records (metrics.jsonl) and its real-sample evaluations meet per step;
+    an unreadable curve is one error line."""
+    mod = _module("builtin_curves")
+    types = {"count": 0.4, "exist": 0.7, "compare_numbers": 0.6, "query_attribute": 0.5, "compare_attribute": 0.55}
+    records = [{"step": 10, "loss": 1.0},
+               {"step": 20, "split": "val", "samples": 1280, "train_seconds": 120.0, "overall": 0.5, "per_type": types},
+               {"step": 40, "split": "val", "samples": 2560, "train_seconds": 240.0, "overall": 0.625,
+                "per_type": {**types, "count": 0.45}}]
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    real = tmp_path / "real.json"
+    real.write_text(json.dumps({"40": {"n": 340, "overall": 0.52, "per_type": {**types, "exist": 0.66}},
+                                "30": {"n": 340, "overall": 0.5, "per_type": types}}))
+    out = tmp_path / "out"
+    assert mod.main(["--run", "a", str(metrics), str(real), "--out", str(out)]) == 0
+    rows = [line for line in (out / "curves.md").read_text().splitlines() if line.startswith("| ") and "k |" in line]
+    assert [r.split(" | ")[0] for r in rows] == ["| 20", "| 30", "| 40"]          # val and real steps, in order
+    last = rows[-1].split(" | ")
+    assert last[1:5] == ["3k", "4", "62.5", "45.0"]        # samples, minutes, val, val count
+    assert "52.0" in last and "66.0" in last                                       # the real sample at the same step
+    assert mod.main(["--run", "b", str(tmp_path / "missing.jsonl"), str(real), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: run b: cannot read its curves")
