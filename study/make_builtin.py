@@ -44,8 +44,8 @@ def check_recipe(path: Path, state: dict) -> str:
         if key in ("recipe", "generate_images"):
             continue
         want = recipe.get(key, getattr(defaults, key))
-        if key == "lr" and want is None:
-            continue                                   # resolved by the trainer from the preset
+        if key in ("lr", "epochs") and want is None:
+            continue                                   # resolved by the trainer (lr from the preset, epochs 10)
         trained = saved.get(key, getattr(defaults, key))        # older checkpoints lack newer fields
         if trained != want:
             raise SystemExit(f"error: {path} sets {key}={want!r} but the checkpoint was trained with {trained!r}")

@@ -202,3 +202,19 @@ def test_builtin_curves_put_two_runs_side_by_side_per_type(tmp_path, capsys):
     assert "52.0" in last and "66.0" in last                                       # the real sample at the same step
     assert mod.main(["--run", "b", str(tmp_path / "missing.jsonl"), str(real), "--out", str(out)]) == 2
     assert capsys.readouterr().err.strip().startswith("error: run b: cannot read its curves")
+
+
+def test_a_recipe_is_checked_against_the_checkpoint_it_claims(tmp_path):
+    """make_builtin --recipe: fields the recipe leaves to the trainer (epochs, lr) pass whatever the
+    trainer resolved them to; a field the run changed is refused, naming it."""
+    from qgmrn.train import TrainConfig
+    import dataclasses
+    check = _module("make_builtin").check_recipe
+    trained = {**dataclasses.asdict(TrainConfig()), "preset": "small-frn", "steps": 44000, "epochs": 10,
+               "lr": 1e-3, "scene_weight": 0.5, "where_weight": 1.0}
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"preset": "small-frn", "steps": 44000, "scene_weight": 0.5, "where_weight": 1.0}))
+    assert check(recipe, {"train_config": trained}) == "r.json"
+    recipe.write_text(json.dumps({"preset": "small-frn", "steps": 44000, "scene_weight": 0.0, "where_weight": 1.0}))
+    with pytest.raises(SystemExit, match="scene_weight=0.0 but the checkpoint was trained with 0.5"):
+        check(recipe, {"train_config": trained})
