@@ -45,7 +45,7 @@ def check_recipe(path: Path, state: dict) -> str:
             continue
         want = recipe.get(key, getattr(defaults, key))
         if key in ("lr", "epochs") and want is None:
-            continue                                   # resolved by the trainer (lr from the preset, epochs 10)
+            continue                                   # resolved by the trainer (lr from the preset, epochs 10 or 6)
         trained = saved.get(key, getattr(defaults, key))        # older checkpoints lack newer fields
         if trained != want:
             raise SystemExit(f"error: {path} sets {key}={want!r} but the checkpoint was trained with {trained!r}")
