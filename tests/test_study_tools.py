@@ -218,3 +218,25 @@ def test_a_recipe_is_checked_against_the_checkpoint_it_claims(tmp_path):
     recipe.write_text(json.dumps({"preset": "small-frn", "steps": 44000, "scene_weight": 0.0, "where_weight": 1.0}))
     with pytest.raises(SystemExit, match="scene_weight=0.0 but the checkpoint was trained with 0.5"):
         check(recipe, {"train_config": trained})
+
+
+@pytest.mark.parametrize("losses", ["paper", "both"])
+def test_trainer_gap_times_the_same_step_on_the_runs_own_batches(losses, tiny_data, tiny_checkpoint, tmp_path,
+                                                                 capsys):
+    """bench/trainer_gap.py rebuilds a run's batches from its checkpoint and times every row."""
+    from conftest import tiny_train_config
+    from qgmrn.train import train
+    ckpt = tiny_checkpoint
+    if losses == "both":
+        train(tiny_train_config(tiny_data, tmp_path / "run", scene_weight=0.5, where_weight=1.0),
+              log=lambda *a: None)
+        ckpt = tmp_path / "run" / "ckpt.pt"
+    spec = importlib.util.spec_from_file_location("trainer_gap", REPO / "bench" / "trainer_gap.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main([str(ckpt), "--batches", "2", "--warmup", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.rstrip().endswith("x")]
+    assert len(rows) == 5 and rows[0].rstrip().endswith("1.00x")
+    assert all(float(r.split()[-2]) > 0 for r in rows)
+    assert f"where {1.0 if losses == 'both' else 0.0}" in out
