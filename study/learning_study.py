@@ -48,6 +48,10 @@ CANDIDATES: dict[str, tuple[str, list[str]]] = {
     "frn-both-open": ("small-frn", ["scene_weight=0.5", "where_weight=1", "scene_gates=open"]),
     "frn-both-attn": ("small-frn+attn", ["scene_weight=0.5", "where_weight=1"]),
     "frn-attn": ("small-frn+attn", [*PAPER]),
+    # Does a finer final map pay now that the scene loss teaches it? (16x16: stage 3 keeps its size;
+    # 96 px: a 12x12 map from a larger input.) Against frn-both on the same data.
+    "frn-both-s16": ("small-frn", ["scene_weight=0.5", "where_weight=1", "stage_strides=1,2,1,1"]),
+    "frn-both-96px": ("small-frn", ["scene_weight=0.5", "where_weight=1", "image_size=96"]),
     "brn": ("small", [*PAPER]),
     "brn-both": ("small", ["scene_weight=0.5", "where_weight=1"]),
 }
