@@ -12,8 +12,8 @@ import torch
 from conftest import REPO
 
 
-def _module(name="probe_objects"):
-    spec = importlib.util.spec_from_file_location(name, REPO / "study" / f"{name}.py")
+def _module(name="probe_objects", folder="study"):
+    spec = importlib.util.spec_from_file_location(name, REPO / folder / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -231,9 +231,7 @@ def test_trainer_gap_times_the_same_step_on_the_runs_own_batches(losses, tiny_da
         train(tiny_train_config(tiny_data, tmp_path / "run", scene_weight=0.5, where_weight=1.0),
               log=lambda *a: None)
         ckpt = tmp_path / "run" / "ckpt.pt"
-    spec = importlib.util.spec_from_file_location("trainer_gap", REPO / "bench" / "trainer_gap.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _module("trainer_gap", folder="bench")
     assert mod.main([str(ckpt), "--batches", "2", "--warmup", "1"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.rstrip().endswith("x")]

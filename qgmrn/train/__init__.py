@@ -74,6 +74,14 @@ def batches_from(run: Run) -> tuple[DataLoader, bool]:
     return loader, in_curriculum
 
 
+def training_loss(cfg: TrainConfig, layer_sizes, output, aux, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a step minimises: the answer's cross-entropy + load balancing (paper section 3.5) + the
+    training-only scene and where losses, each with its weight; returns (loss, load-balancing term)."""
+    vqa = F.cross_entropy(output.logits.float(), labels)
+    lb = load_balancing_loss(output.gates.float(), layer_sizes)
+    return vqa + cfg.load_weight * lb + cfg.scene_weight * aux.scene + cfg.where_weight * aux.where, lb
+
+
 def train_one_epoch(run: Run, reporter: Reporter, save, stop: dict, noise: torch.Generator, say) -> None:
     """Stage 3: steps until the epoch (or curriculum chunk) ends, the run ends, or a signal."""
     cfg, mcfg = run.cfg, run.model.cfg
@@ -92,9 +100,7 @@ def train_one_epoch(run: Run, reporter: Reporter, save, stop: dict, noise: torch
             image = image.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device_type=run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
             output, aux = run.ddp(image, tokens, lengths, target)
-            vqa = F.cross_entropy(output.logits.float(), labels)
-            lb = load_balancing_loss(output.gates.float(), mcfg.layer_sizes)
-            loss = vqa + cfg.load_weight * lb + cfg.scene_weight * aux.scene + cfg.where_weight * aux.where
+            loss, lb = training_loss(cfg, mcfg.layer_sizes, output, aux, labels)
         # One host sync per step: the non-finite check must precede the update, and every
         # rank must agree on stopping. Metrics accumulate on the device.
         nonfinite, stopping = _all_sum(torch.stack([
