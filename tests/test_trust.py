@@ -177,8 +177,10 @@ def test_resume_restores_the_runs_settings_and_refuses_contradictions(tiny_data,
     code, err = _run_train(["--resume", "--out", str(out), "--lr", "0.1", "--steps", "3"], capsys)
     assert code == 2 and "contradicts its lr=0.002" in err
     code, err = _run_train(["--resume", "--out", str(out), "--steps", "3", "--set", "hidden_dim=64"], capsys)
-    assert code == 2 and "cannot change it" in err
-    code, _ = _run_train(["--resume", "--out", str(out), "--steps", "3"], capsys)
+    same = load_checkpoint(out / "ckpt.pt")["model_config"]["hidden_dim"]
+    assert code == 2 and "cannot change it" in err and f"hidden_dim=64 (the checkpoint has {same})" in err
+    code, _ = _run_train(["--resume", "--out", str(out), "--steps", "3",       # the starting command's
+                          "--set", f"hidden_dim={same}"], capsys)              # own model setting
     state = load_checkpoint(out / "ckpt.pt")
     assert code == 0 and state["step"] == 3
     assert state["train_config"]["batch_size"] == 4 and state["train_config"]["lr"] == 2e-3
