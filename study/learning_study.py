@@ -52,6 +52,10 @@ CANDIDATES: dict[str, tuple[str, list[str]]] = {
     # 96 px: a 12x12 map from a larger input.) Against frn-both on the same data.
     "frn-both-s16": ("small-frn", ["scene_weight=0.5", "where_weight=1", "stage_strides=1,2,1,1"]),
     "frn-both-96px": ("small-frn", ["scene_weight=0.5", "where_weight=1", "image_size=96"]),
+    # The built-in run's train accuracy equals its val (61-64% vs 60-62%): is the model at capacity?
+    # Twice the channels (BRN small's widths, 4 x 128 modules) or twice the blocks (8 routing layers).
+    "frn-both-wide": ("small-frn", ["scene_weight=0.5", "where_weight=1", "stage_widths=32,64,128,128"]),
+    "frn-both-deep": ("small-frn", ["scene_weight=0.5", "where_weight=1", "stage_depths=2,2,2,2"]),
     "brn": ("small", [*PAPER]),
     "brn-both": ("small", ["scene_weight=0.5", "where_weight=1"]),
 }

@@ -238,3 +238,22 @@ def test_trainer_gap_times_the_same_step_on_the_runs_own_batches(losses, tiny_da
     assert len(rows) == 5 and rows[0].rstrip().endswith("1.00x")
     assert all(float(r.split()[-2]) > 0 for r in rows)
     assert f"where {1.0 if losses == 'both' else 0.0}" in out
+
+
+def test_every_learning_study_arm_is_a_valid_training_command():
+    """An arm with a mistyped --set would fail hours into a study, after the arms before it."""
+    from qgmrn.config import get_config
+    from qgmrn.model import QGMRN
+    from qgmrn.train import parse_args
+    from qgmrn.train.settings import validate, validate_model_overrides
+
+    study = _module("learning_study")
+    for name, (preset, sets) in study.CANDIDATES.items():
+        args = ["--preset", preset, "--steps", "10"] + [a for s in sets for a in ("--set", s)]
+        cfg, model, _, _ = parse_args(args)
+        validate(cfg)
+        overrides = validate_model_overrides(cfg.preset, model)
+        net = QGMRN(get_config(cfg.preset, **overrides))
+        size = net.cfg.image_size
+        out = net.eval()(torch.zeros(2, 3, size, size), torch.ones(2, 5, dtype=torch.long), torch.tensor([5, 3]))
+        assert out.logits.shape == (2, net.cfg.num_answers), name
