@@ -75,12 +75,13 @@ def run(a) -> int:
     running: list[tuple[str, subprocess.Popen, float]] = []
     while pending or running:
         while pending and len(running) < a.parallel:
-            name = pending.pop(0)
-            preset, sets = CANDIDATES[name]
+            arm = pending.pop(0)
+            preset, sets = CANDIDATES[arm]
+            name = f"{arm}-seed{a.seed}" if a.seed else arm       # seed 0's runs keep their old names
             cmd = [sys.executable, "-m", "qgmrn.train", "--data-root", a.data, "--preset", preset,
                    "--steps", str(a.steps), "--out", str(out / name), "--set", f"eval_every={a.eval_every}",
                    "--set", f"max_val={a.max_val}", "--set", "eval_every_epoch=false"]
-            for s in sets:
+            for s in [*sets, *([f"seed={a.seed}"] if a.seed else [])]:
                 cmd += ["--set", s]
             if (out / name / "ckpt.pt").exists():
                 cmd += ["--resume"]
@@ -205,6 +206,8 @@ def main(argv=None) -> int:
     r.add_argument("--eval-every", type=int, default=500)
     r.add_argument("--max-val", type=int, default=3000)
     r.add_argument("--parallel", type=int, default=1)
+    r.add_argument("--seed", type=int, default=0, help="another seed: initialisation, data order and "
+                   "routing noise; its runs are named ARM-seedN")
     r.add_argument("--threads", type=int, default=0, help="OMP threads per run (0: torch's default)")
     p = sub.add_parser("report")
     p.add_argument("study", nargs="+", help="study directories (of runs) or run directories")
