@@ -16,13 +16,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout without installing
 
 from qgmrn.model import count_macs, count_parameters, create_model
-from qgmrn.routing import load_balancing_loss
-from qgmrn.train import cpu_has_bf16
+from qgmrn.train import TrainConfig, cpu_has_bf16, training_loss
 
 DEFAULT_PRESETS = ["small", "brn-c8", "brn-c16", "brn-c32", "frn"]
 
@@ -48,7 +46,8 @@ def measure(preset: str, batch: int, device: str, amp: bool, steps: int, warmup:
     torch.manual_seed(0)
     model = create_model(preset, vocab_size=90, num_answers=28).to(device).train()
     cfg = model.cfg
-    heads = build_heads(model.visual.out_channels, 0.5 if aux else 0.0, 1.0 if aux else 0.0)
+    weights = TrainConfig(scene_weight=0.5 if aux else 0.0, where_weight=1.0 if aux else 0.0)
+    heads = build_heads(model.visual.out_channels, weights.scene_weight, weights.where_weight)
     forward = TrainingForward(model, heads).to(device)
     run_forward = torch.compile(forward) if compiled else forward
     targets = _targets(batch, device) if aux else None
@@ -69,8 +68,7 @@ def measure(preset: str, batch: int, device: str, amp: bool, steps: int, warmup:
     def step():
         with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=amp):
             out, extra = run_forward(image, tokens, lengths, targets)
-            loss = F.cross_entropy(out.logits.float(), labels) + 0.01 * load_balancing_loss(out.gates.float(), cfg.layer_sizes)
-            loss = loss + 0.5 * extra.scene + 1.0 * extra.where
+            loss, _ = training_loss(weights, cfg.layer_sizes, out, extra, labels)     # the trainer's loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
