@@ -244,15 +244,13 @@ def test_every_learning_study_arm_is_a_valid_training_command():
     """An arm with a mistyped --set would fail hours into a study, after the arms before it."""
     from qgmrn.config import get_config
     from qgmrn.model import QGMRN
-    from qgmrn.train import parse_args
-    from qgmrn.train.settings import validate, validate_model_overrides
+    from qgmrn.train import parse_args, settle_settings
 
     study = _module("learning_study")
     for name, (preset, sets) in study.CANDIDATES.items():
         args = ["--preset", preset, "--steps", "10"] + [a for s in sets for a in ("--set", s)]
-        cfg, model, _, _ = parse_args(args)
-        validate(cfg)
-        overrides = validate_model_overrides(cfg.preset, model)
+        cfg, model, chosen, _ = parse_args(args)
+        cfg, overrides, _ = settle_settings(cfg, model, None, None, chosen)     # the trainer's own checks
         net = QGMRN(get_config(cfg.preset, **overrides))
         size = net.cfg.image_size
         out = net.eval()(torch.zeros(2, 3, size, size), torch.ones(2, 5, dtype=torch.long), torch.tensor([5, 3]))

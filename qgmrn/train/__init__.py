@@ -40,10 +40,10 @@ from .data import resolve_data
 from .hardware import _all_sum, _dist_setup, cpu_has_amx_bf16, cpu_has_bf16, training_precision
 from .report import Reporter, write_atomic
 from .resume import (RunFolderLock, _finished_message, absolute_paths, check_out_dir, given_fields,
-                     restore_config, trim_metrics)
+                     restore_config, restore_model_overrides, trim_metrics)
 from .run import Run, build_or_restore, planned_steps
 from .schedule import lr_lambda, resolve_lr
-from .settings import TrainConfig, TrainingStopped, overrides_match_checkpoint, validate, validate_model_overrides
+from .settings import TrainConfig, TrainingStopped, validate, validate_model_overrides
 
 __all__ = ["TrainConfig", "TrainingStopped", "train", "train_one_epoch", "main", "parse_args", "lr_lambda",
            "resolve_lr", "cpu_has_amx_bf16", "cpu_has_bf16", "training_precision"]
@@ -255,7 +255,7 @@ def settle_settings(cfg: TrainConfig, model_overrides, resume, init_from, given)
     if resume:
         resume_state = load_checkpoint(resume)
         if model_overrides:
-            overrides_match_checkpoint(model_overrides, resume_state["model_config"], resume)
+            restore_model_overrides(model_overrides, resume_state["model_config"], resume)
         chosen = dict(given if given is not None else given_fields(cfg))
         chosen.setdefault("out", str(Path(resume).parent))
         cfg = absolute_paths(restore_config(resume_state.get("train_config") or {}, chosen, resume))

@@ -1,5 +1,5 @@
 """Resume rules: what a resumed run takes from its checkpoint and what the command line may still
-change (RESUME_MAY_CHANGE), when a folder holding a run may be reused, and what a finished run says."""
+change (RESUME_MAY_CHANGE; model settings only repeat the checkpoint's), when a folder holding a run may be reused, and what a finished run says."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,6 +9,7 @@ import os
 import socket
 from pathlib import Path
 
+from ..config import ModelConfig
 from ..files import write_private
 from ..settings import SettingsError, field_types, typed
 from .settings import TrainConfig, validate
@@ -47,6 +48,18 @@ def restore_config(saved: dict, given: dict, path) -> TrainConfig:
     if "epochs" in given and "steps" not in given:
         cfg["steps"] = 0
     return validate(TrainConfig(**cfg))
+
+
+def restore_model_overrides(overrides: dict, model_config: dict, resume) -> None:
+    """On --resume, --set MODEL_FIELD=V may repeat the checkpoint's model (so the command that
+    started a run continues it) but never change it: one line names each field that differs."""
+    overrides = typed(ModelConfig, overrides, "model")
+    saved = ModelConfig.from_dict(model_config)
+    differ = [f"{k}={v!r} (the checkpoint has {getattr(saved, k)!r})"
+              for k, v in sorted(overrides.items()) if v != getattr(saved, k)]
+    if differ:
+        raise SettingsError(f"--resume continues the model in {resume}; model settings cannot change it: "
+                            + ", ".join(differ))
 
 
 def _same_path(a, b) -> bool:

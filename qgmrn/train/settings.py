@@ -117,17 +117,3 @@ def validate_model_overrides(preset: str, overrides: dict) -> dict:
     except (TypeError, ValueError) as e:
         raise SettingsError(str(e)) from e
     return overrides
-
-
-def overrides_match_checkpoint(overrides: dict, model_config: dict, resume) -> None:
-    """On --resume, --set MODEL_FIELD=V may repeat the checkpoint's model (so the command that
-    started a run continues it) but never change it: one line names each field that differs."""
-    overrides = typed(ModelConfig, overrides, "model")
-    saved = ModelConfig.from_dict(model_config)
-    differ = [f"{k}={v!r} (the checkpoint has {getattr(saved, k)!r})"
-              for k, v in sorted(overrides.items()) if v != getattr(saved, k)]
-    if differ:
-        raise SettingsError(f"--resume continues the model in {resume}; model settings cannot change it: "
-                            + ", ".join(differ))
-
-
