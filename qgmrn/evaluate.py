@@ -23,6 +23,7 @@ from .data.prepare import cache_name, default_cache_dir, open_cache
 from .data.programs import QUESTION_TYPES, SUBTYPES
 from .data.sources import DataError, Sample, load_clevr, load_jsonl
 from .preprocess import Vocab, tokenize
+from .routing import format_routing_use, routing_use
 
 TYPE_TITLES = {"count": "Count", "exist": "Exist", "compare_numbers": "Compare Numbers",
                "query_attribute": "Query Attribute", "compare_attribute": "Compare Attribute"}
@@ -35,18 +36,24 @@ def evaluate_model(model, dataset: VQADataset, batch_size: int = 128, device="cp
     was_training = model.training
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
-    preds, ratios = [], []
+    preds, ratios, gates = [], [], []
     sizes = torch.tensor(model.cfg.layer_sizes, dtype=torch.float32)
     for image, tokens, lengths, _ in loader:
         with torch.autocast(device_type=torch.device(device).type, dtype=amp_dtype, enabled=amp_dtype is not None):
             out = model(image.to(device), tokens.to(device), lengths.to(device))
         preds.append(out.logits.argmax(1).cpu())
         ratios.append(out.gates.float().sum(2).cpu() / sizes)          # (B, L)
+        gates.append(out.gates.cpu() > 0.5)                             # (B, L, M_max)
     model.train(was_training)
     preds = torch.cat(preds)
     ratio = torch.cat(ratios).numpy()                                  # (N, L)
     correct = (preds == dataset.labels).numpy()
-    return summarize(correct, dataset.samples, ratio)
+    result = summarize(correct, dataset.samples, ratio)
+    if gates:
+        result["routing"]["use"] = routing_use(torch.cat(gates).numpy(), model.cfg.layer_sizes,
+                                               [s.image for s in dataset.samples],
+                                               [s.qtype for s in dataset.samples])
+    return result
 
 
 def summarize(correct: np.ndarray, samples: list[Sample], ratio: np.ndarray | None = None) -> dict:
@@ -88,6 +95,12 @@ def format_table(result: dict) -> str:
         lines.append(f"execution ratio: overall {r['overall_execution_ratio']:.3f}; per layer (mean [q1, median, q3])")
         lines += [f"  layer {p['layer']:>2}  {p['mean']:.3f} [{p['q1']:.3f}, {p['median']:.3f}, {p['q3']:.3f}]"
                   for p in r["per_layer"]]
+        if "use" in r:
+            lines.append(format_routing_use(r["use"]))
+            per_type = r["use"].get("per_type_executed") or {}
+            if per_type:
+                lines.append("  filters executed per type: " + " ".join(
+                    f"{t}={100 * v:.1f}%" for t, v in per_type.items()))
     return "\n".join(lines)
 
 

@@ -75,3 +75,72 @@ def execution_ratio(gates: torch.Tensor, layer_sizes: tuple[int, ...]) -> torch.
     """Fraction of modules executed per sample and layer: (B, L)."""
     sizes = torch.tensor(layer_sizes, dtype=gates.dtype, device=gates.device)
     return gates.sum(dim=2) / sizes
+
+
+def target_rate_loss(gates: torch.Tensor, layer_sizes: tuple[int, ...], target: float) -> torch.Tensor:
+    """ConvNet-AIG's target-rate loss (Veit & Belongie, ECCV 2018): mean over layers of
+    (fraction of the layer's modules executed over the batch - target)^2.
+
+    The paper's load-balancing term is zero when every gate is open; this one is not, so it is the
+    "sparsity constraint" the paper's section 4.6 leaves open. Training only. gates: (B, L, M_max),
+    straight-through gates, so the gradient reaches the routing logits.
+    """
+    sizes = torch.tensor(layer_sizes, dtype=gates.dtype, device=gates.device)
+    rate = gates.sum(dim=(0, 2)) / (sizes * gates.shape[0])      # (L,) padded slots are 0
+    return ((rate - target) ** 2).mean()
+
+
+def routing_use(gates: "np.ndarray", layer_sizes: tuple[int, ...], images: list, types: list) -> dict:
+    """How much the routing carries the question, from eval-mode gates (N, L, M_max) of N questions:
+
+    - filters_executed: executed modules / all modules, over every question;
+    - per_layer_executed, per_type_executed: the same per modular layer and per question type;
+    - always_on / always_off: modules whose gate is the same for every question (of `modules`);
+    - differ_same_image: over pairs of questions about one image, the fraction of modules whose
+      gate differs between the two (0: the routing ignores the question).
+    """
+    import numpy as np
+
+    mask = np.zeros(gates.shape[1:], dtype=bool)
+    for l, m in enumerate(layer_sizes):
+        mask[l, :m] = True
+    g = gates.astype(bool) & mask                                   # (N, L, M)
+    total = int(mask.sum())
+    per_q = g.reshape(len(g), -1).sum(1) / total                    # (N,)
+    out: dict = {"questions": int(len(g)), "modules": total}
+    if not len(g):
+        return out
+    on = g.all(axis=0) & mask
+    off = (~g).all(axis=0) & mask
+    by_image: dict = {}
+    for i, img in enumerate(images):
+        by_image.setdefault(img, []).append(i)
+    a, b = [], []
+    for idx in by_image.values():                                   # consecutive pairs per image
+        for j in range(0, len(idx) - 1, 2):
+            a.append(idx[j])
+            b.append(idx[j + 1])
+    differ = float((g[a] != g[b]).reshape(len(a), -1).sum(1).mean() / total) if a else None
+    by_type: dict = {}
+    for i, t in enumerate(types):
+        if t is not None:
+            by_type.setdefault(t, []).append(i)
+    out.update({
+        "filters_executed": float(per_q.mean()),
+        "per_layer_executed": [float(g[:, l, :m].mean()) for l, m in enumerate(layer_sizes)],
+        "per_type_executed": {t: float(per_q[idx].mean()) for t, idx in by_type.items()},
+        "always_on": int(on.sum()), "always_off": int(off.sum()),
+        "differ_same_image": differ, "image_pairs": len(a),
+    })
+    return out
+
+
+def format_routing_use(u: dict) -> str:
+    """One line: what a log or a table shows of routing_use's figures."""
+    if "filters_executed" not in u:
+        return "routing: no questions"
+    differ = "n/a" if u["differ_same_image"] is None else f"{100 * u['differ_same_image']:.1f}%"
+    layers = "/".join(f"{100 * x:.0f}" for x in u["per_layer_executed"])
+    return (f"routing: {100 * u['filters_executed']:.1f}% of filters executed (layers {layers}%), "
+            f"{u['always_on']} of {u['modules']} gates on for every question, {u['always_off']} off for every "
+            f"question, {differ} differ between two questions about one image")

@@ -56,6 +56,14 @@ CANDIDATES: dict[str, tuple[str, list[str]]] = {
     # Twice the channels (BRN small's widths, 4 x 128 modules) or twice the blocks (8 routing layers).
     "frn-both-wide": ("small-frn", ["scene_weight=0.5", "where_weight=1", "stage_widths=32,64,128,128"]),
     "frn-both-deep": ("small-frn", ["scene_weight=0.5", "where_weight=1", "stage_depths=2,2,2,2"]),
+    # Issue 39: routing that carries the question. The scene loss on an all-open second pass (its
+    # gain does not need open gates) and a target execution rate per layer (ConvNet-AIG's target-rate
+    # loss), ranked at >= 1 M samples against frn-both (scene loss on the gated map: 99% executed).
+    "frn-both-open-t60": ("small-frn", ["scene_weight=0.5", "where_weight=1", "scene_gates=open",
+                                        "exec_target=0.6"]),
+    "frn-both-open-t45": ("small-frn", ["scene_weight=0.5", "where_weight=1", "scene_gates=open",
+                                        "exec_target=0.45"]),
+    "frn-open-t60": ("small-frn", ["scene_weight=0", "where_weight=1", "exec_target=0.6"]),
     "brn": ("small", [*PAPER]),
     "brn-both": ("small", ["scene_weight=0.5", "where_weight=1"]),
 }

@@ -33,7 +33,7 @@ from ..config import get_config
 from ..data.datasets import collate
 from ..data.sources import DataError, majority_baseline
 from ..evaluate import evaluate_model, format_table, public
-from ..routing import load_balancing_loss
+from ..routing import format_routing_use, load_balancing_loss, target_rate_loss
 from ..settings import SettingsError
 from .cli import parse_args
 from .data import resolve_data
@@ -51,11 +51,16 @@ __all__ = ["TrainConfig", "TrainingStopped", "train", "train_one_epoch", "main",
 def validate_now(run: Run, reporter: Reporter, say, label: str) -> dict:
     """Stage 4: evaluate on the val split (rank 0), logged with samples and training seconds."""
     res = evaluate_model(run.model, run.val_ds, 256, run.device)
+    use = res.get("routing", {}).get("use", {})
     reporter.write({"step": run.step, "split": "val", "samples": run.step * run.cfg.batch_size * run.world,
                     "train_seconds": round(run.train_seconds, 1),
-                    **{k: v for k, v in public(res).items() if k in ("overall", "per_type", "per_subtype")}})
+                    **{k: v for k, v in public(res).items() if k in ("overall", "per_type", "per_subtype")},
+                    **({"routing": use} if use else {})})
     say(f"\n{label}: val accuracy {res['overall']:.3f} "
         + " ".join(f"{k}={v:.3f}" for k, v in res["per_type"].items()))
+    if use:
+        say(format_routing_use(use))
+    reporter.draw()
     return res
 
 
@@ -76,10 +81,14 @@ def batches_from(run: Run) -> tuple[DataLoader, bool]:
 
 def training_loss(cfg: TrainConfig, layer_sizes, output, aux, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """What a step minimises: the answer's cross-entropy + load balancing (paper section 3.5) + the
-    training-only scene and where losses, each with its weight; returns (loss, load-balancing term)."""
+    training-only scene and where losses and target execution rate, each with its weight; returns
+    (loss, load-balancing term)."""
     vqa = F.cross_entropy(output.logits.float(), labels)
     lb = load_balancing_loss(output.gates.float(), layer_sizes)
-    return vqa + cfg.load_weight * lb + cfg.scene_weight * aux.scene + cfg.where_weight * aux.where, lb
+    loss = vqa + cfg.load_weight * lb + cfg.scene_weight * aux.scene + cfg.where_weight * aux.where
+    if cfg.exec_target > 0:
+        loss = loss + cfg.exec_weight * target_rate_loss(output.gates.float(), layer_sizes, cfg.exec_target)
+    return loss, lb
 
 
 def train_one_epoch(run: Run, reporter: Reporter, save, stop: dict, noise: torch.Generator, say) -> None:

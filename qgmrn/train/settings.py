@@ -27,6 +27,10 @@ class TrainConfig:
     warmup_start_lr: float = 3e-6
     anneal_steps: int = 0                    # > 0: the last this many steps decay the lr linearly to 0
     load_weight: float = 0.01                # lambda of the load-balancing loss (eq. 13)
+    exec_target: float = 0.0                 # training only, > 0: the fraction of each layer's modules
+                                             # a batch should execute (ConvNet-AIG's target-rate loss,
+                                             # the paper's "sparsity constraints"); 0: off
+    exec_weight: float = 1.0                 # weight of that loss (when exec_target > 0)
     scene_weight: float | None = None        # training only: objects' attributes and presence on the
                                              # final map, from the scene records (0: the paper's loss)
     where_weight: float | None = None        # training only: the cells of the objects the question's
@@ -80,7 +84,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise SettingsError(f"warmup_start_lr must be a finite number, not negative, got {cfg.warmup_start_lr}")
     if cfg.lr is not None and not (0.0 < cfg.lr < 10.0):
         raise SettingsError(f"lr must lie in (0, 10), got {cfg.lr}")
-    for name in ("load_weight", "scene_weight", "where_weight"):
+    if not (0.0 <= cfg.exec_target < 1.0):
+        raise SettingsError(f"exec_target must lie in [0, 1) (0: off), got {cfg.exec_target}")
+    for name in ("load_weight", "scene_weight", "where_weight", "exec_weight"):
         value = getattr(cfg, name)
         if value is not None and not (math.isfinite(value) and value >= 0.0):
             raise SettingsError(f"{name} must be a finite number, not negative, got {value}")
