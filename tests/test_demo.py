@@ -124,15 +124,22 @@ def test_the_page_answers_a_real_image_as_runtime_answer_and_survives_a_non_imag
     (lambda d: d / "scene.png", "Is there " + "a red cube and " * 30 + "a ball?", "tokens"),
     (lambda d: d / "huge.png", QUESTION, "megapixels"),
 ])
-def test_bad_input_is_one_message_in_the_page(tmp_path, real_sample, make, question, message):
+def test_bad_input_is_one_message_in_the_page( real_sample, make, question, message):
     """What the page shows for each mistake: gr.Error's one line (the page keeps serving)."""
     import gradio as gr
+    from gradio.utils import get_upload_folder
     from PIL import Image
     from runtime.demo import answer_page
+    Path(get_upload_folder()).mkdir(parents=True, exist_ok=True)       # where the page's uploads land
+    import tempfile
+    tmp_path = Path(tempfile.mkdtemp(dir=get_upload_folder()))
     shutil.copy(sorted((real_sample / "images" / "val").glob("*.png"))[0], tmp_path / "scene.png")
     (tmp_path / "notes.png").write_bytes(b"these are not pixels")
     Image.new("1", (9000, 9000)).save(tmp_path / "huge.png")
     path = make(tmp_path)
-    with pytest.raises(gr.Error) as e:
-        answer_page(runtime.load("builtin"), None if path is None else {"path": str(path)}, question)
+    try:
+        with pytest.raises(gr.Error) as e:
+            answer_page(runtime.load("builtin"), None if path is None else {"path": str(path)}, question)
+    finally:
+        shutil.rmtree(tmp_path, ignore_errors=True)
     assert message in e.value.message and "Traceback" not in e.value.message

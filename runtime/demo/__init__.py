@@ -70,11 +70,15 @@ def answer_page(model, image, question: str):
     path = image.get("path") if isinstance(image, dict) else getattr(image, "path", None)
     if not path:
         raise gr.Error("give an image: upload one, drop one on the box, or pick an example below")
+    if not isinstance(path, str) or not _uploaded(path):
+        # the page answers about what was uploaded to it, never about a file a client names
+        raise gr.Error("the image must be uploaded to this page (or be one of its examples)")
     try:
         check_question(question)
-        data = Path(path).read_bytes()
+        with open(path, "rb") as f:                      # a regular file (checked), read up to the limit
+            data = f.read(MAX_BODY + 1)
         if len(data) > MAX_BODY:
-            raise BadRequest(413, f"the image file has {len(data)} bytes; at most {MAX_BODY}")
+            raise BadRequest(413, f"the image file has more than {MAX_BODY} bytes; at most {MAX_BODY}")
         pred = model.predict(data, question, top_k=5)
     except (BadRequest, ImageError, QuestionError, ModelError, OSError) as e:
         raise gr.Error(str(e).replace("image bytes", "the image")) from None
@@ -84,13 +88,45 @@ def answer_page(model, image, question: str):
     details = (f"- {known}\n- executed {100 * pred.overall_execution_ratio:.0f}% of the modules\n"
                f"- answered by {model.backend}{why}\n- {card_line(model)}")
     return (pred.answer, {a: p for a, p in pred.top_k},
-            routing_picture(pred.gates, str(model.metadata.get("arch", ""))), details)
+            picture_html(routing_picture(pred.gates, str(model.metadata.get("arch", "")))), details)
+
+
+def picture_html(im) -> str:
+    """The routing picture inside the reply (a PNG data URL): no server file, no server path."""
+    import base64
+    import io
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return (f'<img alt="routing path" style="max-width:100%" '
+            f'src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">')
+
+
+async def _not_found(request, exc):
+    """Unknown paths under the page answer in the API's words, not Gradio's."""
+    from fastapi.responses import JSONResponse
+    from ..api import ENDPOINTS
+    return JSONResponse({"error": f"{request.method} {request.url.path}: {ENDPOINTS}"},
+                        status_code=getattr(exc, "status_code", 404))
+
+
+def _uploaded(path: str) -> bool:
+    """True for a regular file in Gradio's upload folder or among the shipped examples."""
+    import os
+    from gradio.utils import get_upload_folder, is_in_or_equal
+    try:
+        real = Path(os.path.realpath(path))
+        regular = real.is_file()
+    except (OSError, ValueError):
+        return False
+    allowed = (Path(os.path.realpath(get_upload_folder())), Path(os.path.realpath(EXAMPLES)))
+    return regular and any(is_in_or_equal(real, root) for root in allowed)
 
 
 def build_demo(model):
     """The page as Gradio Blocks (named components; the routing as a picture)."""
     import gradio as gr
-    with gr.Blocks(title="QGMRN: question-guided routing") as page:
+    # Uploads live in Gradio's cache for 10 minutes at most (swept every minute, and at shutdown)
+    with gr.Blocks(title="QGMRN: question-guided routing", delete_cache=(60, 600)) as page:
         gr.Markdown("## QGMRN — ask about a scene, see which modules the question switches on")
         with gr.Row():
             with gr.Column():
@@ -101,14 +137,14 @@ def build_demo(model):
             with gr.Column():
                 answer = gr.Textbox(label="answer", interactive=False, elem_id="answer")
                 top = gr.Label(label="top-5", num_top_classes=5, elem_id="top5")
-        routing = gr.Image(label="routing path", type="pil", interactive=False, elem_id="routing", format="png")
+        routing = gr.HTML(label="routing path", elem_id="routing")
         details = gr.Markdown(elem_id="details")
         gr.Examples(examples(), inputs=[image, question], label="example scenes (rendered by our Blender renderer)")
         # preprocess=False: the handler reads the uploaded file's own bytes, so a file that is not an
         # image gets the runtime's message, and an image answers exactly as runtime.answer(path).
-        for trigger in (submit.click, question.submit):
-            trigger(lambda im, q: answer_page(model, im, q), inputs=[image, question],
-                    outputs=[answer, top, routing, details], preprocess=False)
+        # One endpoint, named for what it does (gradio_client: .predict(image, question, api_name="/answer"))
+        gr.on([submit.click, question.submit], lambda im, q: answer_page(model, im, q), inputs=[image, question],
+              outputs=[answer, top, routing, details], preprocess=False, api_name="answer")
     return page
 
 
@@ -125,5 +161,11 @@ def mount_demo(app, model) -> bool:
                                 status_code=404)
         return False
     from ..api import MAX_BODY
-    gr.mount_gradio_app(app, build_demo(model), path="/", max_file_size=MAX_BODY, show_error=True)
+    page = build_demo(model)
+    gr.mount_gradio_app(app, page, path="/", max_file_size=MAX_BODY, show_error=True,
+                        app_kwargs={"openapi_url": None, "docs_url": None, "redoc_url": None,
+                                    "exception_handlers": {404: _not_found, 405: _not_found}})
+    # Gradio checks that a request's files were uploaded to the page only once the page "has
+    # launched", which mounting never sets: without this, a client could name any server file.
+    page.has_launched = True
     return True
