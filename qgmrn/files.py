@@ -1,11 +1,13 @@
 """Small file helpers shared by training, data preparation and export (no torch here)."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
 import shutil
 import socket
+import tempfile
 import time
 from pathlib import Path
 
@@ -88,3 +90,37 @@ class FileLock:
         self.path.unlink(missing_ok=True)
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
+
+
+@contextlib.contextmanager
+def atomic_file(path, binary: bool = False):
+    """Write `path` whole or not at all, never through a link: the data goes to a fresh temporary
+    file beside it (mkstemp: O_EXCL, so a symlink planted under any name is never followed), which
+    then replaces `path` (rename replaces a link planted at `path` itself, not its target). Every
+    file the trainer, export and the generators write atomically goes through here.
+
+        with atomic_file(out / "eval.json") as f:
+            f.write(text)
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())          # mkstemp makes it 0600; a run's files share one mode
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_atomic(path, data: str | bytes) -> None:
+    """atomic_file for text or bytes already in memory."""
+    with atomic_file(path, binary=isinstance(data, bytes)) as f:
+        f.write(data)
+
+
+def append_no_link(path):
+    """A file opened for appending that is never a symlink planted at `path` (metrics.jsonl)."""
+    return os.fdopen(open_no_link(Path(path), os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a")

@@ -72,3 +72,97 @@ def test_m7_the_page_has_one_named_endpoint_no_openapi_and_the_apis_wording(demo
     picture = json.loads(data)[2]
     assert event == "complete" and picture.startswith('<img alt="routing path"')
     assert "data:image/png;base64," in picture and "/tmp" not in picture    # no server path, no server file
+
+
+def test_d3_resume_never_replaces_another_run_in_its_out_folder(tiny_data, tmp_path):
+    from conftest import tiny_train_config
+    from qgmrn.settings import SettingsError
+    from qgmrn.train import train
+    quiet = dict(log=lambda *a, **k: None)
+    a, b = tmp_path / "A", tmp_path / "B"
+    train(tiny_train_config(tiny_data, a, steps=2), **quiet)
+    train(tiny_train_config(tiny_data, b, steps=2, seed=5), **quiet)
+    before = {p.name: p.read_bytes() for p in b.iterdir() if p.is_file()}
+    with pytest.raises(SettingsError, match="holds another run"):
+        train(tiny_train_config(tiny_data, b, steps=4), resume=str(a / "ckpt.pt"), given={"out": str(b), "steps": 4},
+              **quiet)
+    assert {p.name: p.read_bytes() for p in b.iterdir() if p.is_file()} == before
+    # into an empty folder it continues A's run; with --overwrite it may replace B's
+    c = tmp_path / "C"
+    train(tiny_train_config(tiny_data, c, steps=4), resume=str(a / "ckpt.pt"), given={"out": str(c), "steps": 4},
+          **quiet)
+    import torch
+    assert torch.load(c / "ckpt.pt", weights_only=True)["step"] == 4
+    train(tiny_train_config(tiny_data, b, steps=4), resume=str(a / "ckpt.pt"), given={"out": str(b), "steps": 4},
+          overwrite=True, **quiet)
+    assert torch.load(b / "ckpt.pt", weights_only=True)["train_config"]["seed"] == 0
+
+
+def test_d4_a_run_folders_files_never_follow_planted_links(tiny_data, tmp_path):
+    from conftest import tiny_train_config
+    from qgmrn.train import train
+    out, victims = tmp_path / "run", tmp_path / "victims"
+    out.mkdir()
+    victims.mkdir()
+    for name in ("config.json.tmp", "eval.json.tmp", "metrics.jsonl.tmp", "metrics.jsonl", "curves.png.tmp.png"):
+        (victims / name).write_text("precious")
+        (out / name).symlink_to(victims / name)
+    train(tiny_train_config(tiny_data, out, steps=2, eval_every=1), log=lambda *a, **k: None)
+    train(tiny_train_config(tiny_data, out, steps=3), resume=str(out / "ckpt.pt"), given={"steps": 3},
+          log=lambda *a, **k: None)                     # a resume trims metrics.jsonl through the helper too
+    assert all((victims / n).read_text() == "precious" for n in os.listdir(victims))
+    for name in ("metrics.jsonl", "config.json", "eval.json"):
+        assert not (out / name).is_symlink() and (out / name).is_file()
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
+
+
+def test_d4_atomic_writes_replace_a_link_not_its_target(tmp_path):
+    from qgmrn.files import write_atomic
+    (tmp_path / "target").write_text("precious")
+    (tmp_path / "eval.json").symlink_to(tmp_path / "target")
+    write_atomic(tmp_path / "eval.json", "{}")
+    assert (tmp_path / "target").read_text() == "precious" and not (tmp_path / "eval.json").is_symlink()
+    assert (tmp_path / "eval.json").read_text() == "{}" and sorted(os.listdir(tmp_path)) == ["eval.json", "target"]
+
+
+def test_m6_a_second_run_waits_for_the_built_in_dataset_and_reuses_it(tmp_path):
+    import threading
+    from qgmrn.files import FileLock
+    from qgmrn.train.data import generate_builtin
+    root = tmp_path / "clevr-generated"
+    lock = FileLock(tmp_path / f".{root.name}.lock", "the built-in dataset")   # the first run, generating
+    said: list = []
+    t = threading.Thread(target=generate_builtin, args=(root, 12, said.append, 0.05))
+    t.start()
+    t.join(1.0)
+    assert t.is_alive() and any("waiting" in m for m in said) and not root.exists()
+    from qgmrn.data.generate import generate
+    generate(root, 12, 2, 2, seed=0, workers=1, log=lambda *a: None)          # the first run finishes
+    lock.release()
+    t.join(30)
+    assert not t.is_alive() and not any("generating the built-in" in m for m in said)   # reused, not made again
+
+
+def test_m5_an_interrupted_pillow_dataset_continues_to_the_same_bytes(tmp_path):
+    from qgmrn.data.generate import main as generate_main
+    args = ["--images", "6", "--val-images", "2", "--questions", "2", "--workers", "1"]
+    assert generate_main(["--out", str(tmp_path / "whole"), *args]) == 0
+    assert generate_main(["--out", str(tmp_path / "cut"), *args]) == 0
+    (tmp_path / "cut" / "questions" / "CLEVR_val_questions.json").unlink()     # killed before the end
+    (tmp_path / "cut" / "images" / "val" / "CLEVR_val_000001.png").unlink()
+    assert generate_main(["--out", str(tmp_path / "cut"), *args]) == 0
+    files = sorted(p.relative_to(tmp_path / "whole") for p in (tmp_path / "whole").rglob("*") if p.is_file())
+    assert files and all((tmp_path / "whole" / f).read_bytes() == (tmp_path / "cut" / f).read_bytes() for f in files)
+    assert generate_main(["--out", str(tmp_path / "cut"), *args]) == 1             # complete: refused as before
+
+
+def test_m6_temp_files_of_killed_saves_are_cleaned_on_resume(tiny_data, tmp_path):
+    from conftest import tiny_train_config
+    from qgmrn.train import train
+    out = tmp_path / "run"
+    train(tiny_train_config(tiny_data, out, steps=2), log=lambda *a, **k: None)
+    for name in ("ckpt.pt.k1l2.tmp", "ckpt.pt.zz.tmp", ".eval.json.ab12.tmp"):
+        (out / name).write_bytes(b"half a checkpoint")                          # killed seconds ago
+    train(tiny_train_config(tiny_data, out, steps=3), resume=str(out / "ckpt.pt"), given={"steps": 3},
+          log=lambda *a, **k: None)
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]

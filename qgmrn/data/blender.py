@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -311,15 +312,15 @@ class BlenderRenderer:
         if self.denoise:
             s.cycles.denoiser = "OPENIMAGEDENOISE"
         s.cycles.filter_width = 1.5
-        raw, tmp = f"{path}.{os.getpid()}.raw.tmp", f"{path}.{os.getpid()}.tmp"
+        from ..files import atomic_file
+        raw_dir = tempfile.mkdtemp(prefix=f".{Path(path).name}.", suffix=".raw", dir=Path(path).parent)
+        raw = os.path.join(raw_dir, "render.png")       # Blender writes by name: in a fresh folder of ours
         try:
             self._render_to(raw, seed)
-            with Image.open(raw) as im:          # drop Blender's stamps (date, render time): same
-                im.convert("RGB").save(tmp, format="PNG", compress_level=6)   # pixels, same bytes
-            os.replace(tmp, path)
+            with Image.open(raw) as im, atomic_file(path, binary=True) as f:   # drop Blender's stamps (date,
+                im.convert("RGB").save(f, format="PNG", compress_level=6)      # render time): same bytes
         finally:
-            for leftover in (raw, tmp):
-                Path(leftover).unlink(missing_ok=True)
+            shutil.rmtree(raw_dir, ignore_errors=True)
 
     def visible_pixels(self, layout: dict) -> list[int]:
         """Pixels each object shows, from a flat render (one sample, emission only, no ground):

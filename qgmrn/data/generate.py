@@ -20,7 +20,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from ..files import os_error_line
+from ..files import atomic_file, os_error_line
 from .questions import FAMILIES, QUESTION_LANGUAGE, AnswerBalancer, make_questions
 from .render import render, sample_scene
 from .sources import write_split
@@ -42,7 +42,8 @@ def _make_chunk(args) -> tuple[list[dict], list[dict]]:
     image_dir = Path(out) / "images" / split
     for index in range(chunk * CHUNK, min((chunk + 1) * CHUNK, n_images)):
         scene = sample_scene(rng, rng.randint(lo, hi), index, split)
-        render(scene).save(image_dir / scene["image_filename"], compress_level=1)
+        with atomic_file(image_dir / scene["image_filename"], binary=True) as f:   # never half a PNG
+            render(scene).save(f, format="PNG", compress_level=1)
         for o in scene["objects"]:
             del o["_r"]
         for q in make_questions(scene, n_questions, rng, balancer, first_family=index % len(FAMILIES)):
@@ -118,10 +119,14 @@ def main(argv=None) -> int:
         if a.size or a.samples:
             ap.error("--size and --samples are the Blender renderer's (--renderer blender)")
         held = [p for p in (Path(a.out) / "questions").glob("CLEVR_*_questions.json")]
-        if held and not a.overwrite:
+        # the val questions are written last: without them a dataset is one an interrupted run left
+        complete = (Path(a.out) / "questions" / "CLEVR_val_questions.json").exists()
+        if complete and not a.overwrite:
             print(f"error: {a.out} already holds a dataset ({held[0]}); give a new --out, or --overwrite "
                   "to replace it", file=sys.stderr)
             return 1
+        if held or (Path(a.out) / "images").is_dir():
+            print(f"continuing the incomplete dataset in {a.out} (the same seed makes the same scenes)", flush=True)
         try:
             stats = generate(a.out, a.images, val, a.questions, a.seed, a.workers, objects=tuple(a.objects))
         except OSError as e:                      # --out is a file, read-only, full, ...

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,13 +32,9 @@ class Sample:
 
 def write_json_atomic(path: Path, obj) -> None:
     """Write JSON to a temporary file beside `path`, then rename: readers never see half a file."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")   # two writers never share it
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, separators=(",", ":"))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from ..files import atomic_file
+    with atomic_file(path) as f:                                   # two writers never share a temp file
+        json.dump(obj, f, separators=(",", ":"))
 
 
 def write_split(root: Path, split: str, info: dict, scenes: list, questions: list) -> None:

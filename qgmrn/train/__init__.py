@@ -198,7 +198,7 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None, resume: str | N
     say = log if main_rank else (lambda *a, **k: None)
     out = Path(cfg.out)
     # --overwrite locks the folder before it removes the run there (a live run is refused first)
-    lock = check_out_dir(out, resume_state is not None, overwrite) if main_rank else None
+    lock = check_out_dir(out, resume if resume_state is not None else None, overwrite) if main_rank else None
     try:
         torch.manual_seed(cfg.seed)
         data = resolve_data(cfg, main_rank, say)
@@ -214,7 +214,9 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None, resume: str | N
             out.mkdir(parents=True, exist_ok=True)
             lock = RunFolderLock(out)
         if main_rank:
-            remove_stale(out, "ckpt.pt.*.tmp", max_age_s=60)   # a killed save's temp file
+            # a killed save's temp files: the folder's lock is ours, so no live writer owns them
+            for pattern in ("ckpt.pt.*.tmp", ".*.tmp"):
+                remove_stale(out, pattern, max_age_s=-1)
             trim_metrics(out / "metrics.jsonl", run.step if resume_state is not None else None)
             write_atomic(out / "config.json", json.dumps({"train": dataclasses.asdict(run.cfg),
                                                           "model": run.model.cfg.to_dict()}, indent=2))

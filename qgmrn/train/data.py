@@ -52,6 +52,31 @@ def resolve_supervision(cfg: TrainConfig, has_scenes: bool) -> TrainConfig:
                                        if getattr(cfg, k) is None})
 
 
+def generate_builtin(root: Path, images: int, say, poll_s: float = 1.0) -> None:
+    """Make the default run's dataset once. Two runs started together on an empty cache: the first
+    generates it under a lock, the second waits for it and reuses it (each file is written whole)."""
+    import time
+    from ..data.generate import generate
+    from ..files import Busy, FileLock
+    root.parent.mkdir(parents=True, exist_ok=True)
+    waiting = False
+    while True:
+        try:
+            lock = FileLock(root.parent / f".{root.name}.lock", f"the built-in dataset {root}")
+            break
+        except Busy as e:
+            if not waiting:
+                say(f"waiting: {e} (generating it)")
+                waiting = True
+            time.sleep(poll_s)
+    try:
+        if not (root / "questions" / "CLEVR_val_questions.json").exists():   # the other run may have made it
+            say(f"generating the built-in CLEVR-style dataset into {root} (once)")
+            generate(root, images, max(1, images // 6), 10, seed=0, log=say)
+    finally:
+        lock.release()
+
+
 # -- data ------------------------------------------------------------------------------------
 @dataclass
 class Data:
@@ -69,9 +94,7 @@ def resolve_data(cfg: TrainConfig, main_rank: bool, say) -> Data:
         root = default_data_dir(cfg.generate_images)
         if not (root / "questions" / "CLEVR_val_questions.json").exists():
             if main_rank:
-                from ..data.generate import generate
-                say(f"generating the built-in CLEVR-style dataset into {root} (once)")
-                generate(root, cfg.generate_images, max(1, cfg.generate_images // 6), 10, seed=0, log=say)
+                generate_builtin(root, cfg.generate_images, say)
             if dist.is_initialized():
                 dist.barrier()
         say(f"data: built-in generated CLEVR-style dataset at {root}")

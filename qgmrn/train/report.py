@@ -16,7 +16,7 @@ class Reporter:
 
     def __init__(self, run: Run, path: Path, ckpt_path: Path, say):
         self.run, self.say, self.ckpt_path = run, say, ckpt_path
-        self.file = open(path, "a") if run.main else None
+        self.file = append_no_link(path) if run.main else None
         self.path = path
         self.tb = _tensorboard(path.parent) if run.main else None
         self.drawing = run.main
@@ -161,10 +161,9 @@ def draw_curves(metrics: Path, png: Path) -> bool:
     ax[1].set_xlabel("samples"), ax[1].set_ylabel("val accuracy")
     ax[2].set_xlabel("samples"), ax[2].set_ylabel("filters executed (val)")
     fig.tight_layout()
-    tmp = png.with_name(png.name + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
+    with atomic_file(png, binary=True) as f:
+        fig.savefig(f, dpi=90, format="png")
     plt.close(fig)
-    os.replace(tmp, png)
     return True
 
 
@@ -173,9 +172,6 @@ def _hms(seconds: float) -> str:
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+from ..files import append_no_link, atomic_file, write_atomic  # noqa: E402,F401  (one helper for every atomic write)
 
 

@@ -10,7 +10,7 @@ import socket
 from pathlib import Path
 
 from ..config import ModelConfig
-from ..files import write_private
+from ..files import write_atomic, write_private
 from ..settings import SettingsError, field_types, typed
 from .settings import TrainConfig, validate
 
@@ -66,15 +66,23 @@ def _same_path(a, b) -> bool:
     return a is not None and b is not None and Path(a).resolve() == Path(b).resolve()
 
 
-def check_out_dir(out: Path, resume: bool, overwrite: bool) -> "RunFolderLock | None":
+def check_out_dir(out: Path, resume, overwrite: bool) -> "RunFolderLock | None":
     """Nothing a user made is replaced without --overwrite: a folder holding a run is continued
-    with --resume or replaced with --overwrite. Replacing takes the folder's lock first (a live run
-    there is refused before anything of it is removed) and returns it, held, to the caller."""
+    with --resume (of its own checkpoint) or replaced with --overwrite. `resume`: the checkpoint a
+    resumed run continues (None for a new run); continuing another folder's run into a folder that
+    holds a run of its own replaces that run, so it needs --overwrite too. Replacing takes the
+    folder's lock first (a live run there is refused before anything of it is removed) and returns
+    it, held, to the caller."""
     ckpt = out / "ckpt.pt"
-    if resume or not ckpt.exists():
+    # a new run may start where a killed one left no checkpoint; a resumed one never mixes with them
+    held = [p for p in ((ckpt, out / "metrics.jsonl", out / "eval.json") if resume else (ckpt,)) if p.exists()]
+    if not held or (resume and _same_path(resume, ckpt)):
         return None
     if not overwrite:
-        raise SettingsError(f"{out} already holds a training run ({ckpt}); continue it with --resume "
+        if resume:
+            raise SettingsError(f"--resume {resume} would continue that run into {out}, which holds another "
+                                f"run ({held[0]}); give an empty --out, or --overwrite to replace the run there")
+        raise SettingsError(f"{out} already holds a training run ({held[0]}); continue it with --resume "
                             f"--out {out}, or pass --overwrite to start over there")
     lock = RunFolderLock(out)
     try:
@@ -108,9 +116,7 @@ def trim_metrics(path: Path, step: int | None) -> None:
                 kept.append(line)
         except (json.JSONDecodeError, AttributeError):
             continue                              # a half-written last line of a killed process
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(k + "\n" for k in kept))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(k + "\n" for k in kept))
 
 
 def absolute_paths(cfg: TrainConfig) -> TrainConfig:
