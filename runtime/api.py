@@ -72,6 +72,10 @@ def check_question(question) -> str:
         raise BadRequest(400, "give a non-empty question")
     if len(question) > MAX_QUESTION_CHARS:
         raise BadRequest(413, f"the question has {len(question)} characters; at most {MAX_QUESTION_CHARS}")
+    try:
+        question.encode("utf-8")
+    except UnicodeEncodeError:                          # a lone surrogate ("\ud800" in JSON)
+        raise BadRequest(400, "the question is not valid Unicode text (it holds a lone surrogate)") from None
     return question
 
 

@@ -20,6 +20,8 @@ def parse_metadata(raw: str | None, path) -> dict:
                          "(export it with python -m export.to_onnx)")
     try:
         meta = json.loads(raw)
+    except RecursionError:
+        raise ModelError(f"{path}: its QGMRN metadata is nested too deeply to be ours") from None
     except json.JSONDecodeError as e:
         raise ModelError(f"{path}: its QGMRN metadata is not valid JSON") from e
     if not isinstance(meta, dict):

@@ -64,6 +64,8 @@ def read_report(path: Path, what: str) -> dict:
         raise ModelError(f"{path} is {path.stat().st_size} bytes: too large for {what}")
     try:
         data = json.loads(path.read_text())
+    except RecursionError:
+        raise ModelError(f"{path} is nested too deeply to be {what}; re-export the checkpoint") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelError(f"{path} is unreadable ({e}); re-export the checkpoint") from e
     if not isinstance(data, dict):

@@ -166,3 +166,25 @@ def test_m6_temp_files_of_killed_saves_are_cleaned_on_resume(tiny_data, tmp_path
     train(tiny_train_config(tiny_data, out, steps=3), resume=str(out / "ckpt.pt"), given={"steps": 3},
           log=lambda *a, **k: None)
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_m1_a_lone_surrogate_in_the_question_is_the_clients_400(demo_client, real_sample):
+    import base64
+    image = sorted((real_sample / "images" / "val").glob("*.png"))[0]
+    body = '{"image": "%s", "question": "What color\\ud800 is it?"}' % base64.b64encode(image.read_bytes()).decode()
+    r = demo_client.post("/answer", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "surrogate" in r.json()["error"]
+    assert demo_client.post("/answer", files={"image": ("a.png", image.read_bytes(), "image/png")},
+                            data={"question": QUESTION}).status_code == 200
+
+
+def test_m9_deeply_nested_reports_and_metadata_are_a_model_error(tmp_path):
+    from runtime.errors import ModelError
+    from runtime.metadata import parse_metadata
+    from runtime.precision import read_report
+    deep = "[" * 100_000 + "]" * 100_000
+    with pytest.raises(ModelError, match="nested too deeply"):
+        parse_metadata(deep, "model.onnx")
+    (tmp_path / "parity.json").write_text('{"a": ' + deep + "}")
+    with pytest.raises(ModelError, match="nested too deeply"):
+        read_report(tmp_path / "parity.json", "a parity report")
