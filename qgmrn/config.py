@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 ARCHS = ("brn", "frn")
+TAU_RANGE = (0.01, 100.0)               # Gumbel-sigmoid temperatures that can train (1e-300 overflows)
 BLOCK_NORMS = ("group", "batch")
 POSITIVE = ("vocab_size", "num_answers", "image_size", "embed_dim", "hidden_dim", "stem_width", "stem_kernel",
             "stage_depths", "stage_widths", "stage_strides", "cardinality", "bottleneck_expansion", "gn_groups",
@@ -57,8 +58,10 @@ class ModelConfig:
                     raise ValueError(f"{name} must be a positive integer, got {values!r}")
         if not 0.0 < self.route_init_prob < 1.0:
             raise ValueError(f"route_init_prob must lie in (0, 1), got {self.route_init_prob}")
-        if not (math.isfinite(self.tau) and self.tau > 0.0):
-            raise ValueError(f"tau must be a positive finite number, got {self.tau}")
+        if not (math.isfinite(self.tau) and TAU_RANGE[0] <= self.tau <= TAU_RANGE[1]):
+            raise ValueError(f"tau must lie in [{TAU_RANGE[0]:g}, {TAU_RANGE[1]:g}] (the paper's is 1), got {self.tau}")
+        if not 1e-4 <= self.route_init_prob <= 1 - 1e-4:
+            raise ValueError(f"route_init_prob must lie in [0.0001, 0.9999], got {self.route_init_prob}")
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
         if self.block_norm not in BLOCK_NORMS:

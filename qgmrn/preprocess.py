@@ -97,6 +97,10 @@ def encode_batch(vocab: Vocab, questions: list[str], max_len: int | None = None
 # a few hundred KB can claim 13000 x 13000 pixels and take gigabytes to decode: it is refused from
 # its header, before decoding.
 MAX_PIXELS = 64_000_000
+# The formats decoded, recognised by content (never by a file name): what cameras, browsers and
+# renderers write. Pillow reads more (QOI, DDS, ICNS, ...) but half-supports some of them: a
+# malformed file there fails with IndexError or NotImplementedError deep inside the plugin.
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "PPM")
 _PIL_LOAD = threading.Lock()
 
 
@@ -143,19 +147,23 @@ def _decode(source, what: str) -> Image.Image:
     try:
         with warnings.catch_warnings():           # the size is checked here, against MAX_PIXELS
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(source)
+            im = Image.open(source, formats=FORMATS)
         with im:
             _check_pixels(im, what)
             im.load()
             rgb = _to_rgb(ImageOps.exif_transpose(im), what)
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"cannot decode {what}: it is too large ({e})") from e
+    except Image.DecompressionBombError as e:             # Pillow's own limit, above ours: one message
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        size = f" ({int(found.group(1)) / 1e6:.0f} megapixels)" if found else ""
+        raise ImageError(f"{what} is more than the {MAX_PIXELS // 10**6} megapixels this runtime decodes"
+                         f"{size}; shrink it first") from e
     except UnidentifiedImageError as e:
-        raise ImageError(f"cannot decode {what}: not an image format Pillow reads") from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        if isinstance(e, ImageError):
-            raise
-        raise ImageError(f"cannot decode {what}: {e}") from e
+        raise ImageError(f"cannot decode {what}: not an image format Pillow reads "
+                         f"(accepted: {', '.join(FORMATS)})") from e
+    except ImageError:
+        raise
+    except Exception as e:                                # any decoder failure is the image's fault
+        raise ImageError(f"cannot decode {what}: {type(e).__name__}: {e}") from e
     return _check_size(rgb, what)
 
 

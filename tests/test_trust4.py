@@ -188,3 +188,101 @@ def test_m9_deeply_nested_reports_and_metadata_are_a_model_error(tmp_path):
     (tmp_path / "parity.json").write_text('{"a": ' + deep + "}")
     with pytest.raises(ModelError, match="nested too deeply"):
         read_report(tmp_path / "parity.json", "a parity report")
+
+
+def _tamper(src, dst, change):
+    import torch
+    state = torch.load(src, weights_only=True)
+    change(state)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, dst)
+
+
+@pytest.mark.parametrize("name, change, message", [
+    ("heads-not-dict", lambda s: s.update(supervision=[1, 2]), "scene/where heads"),
+    ("no-optimizer", lambda s: s.pop("optimizer"), "no optimizer state"),
+    ("repeated-answers", lambda s: s.update(answers=[s["answers"][0]] * len(s["answers"])), "repeats"),
+    ("short-vocab", lambda s: s.update(vocab=s["vocab"][:-3]), "vocabulary has"),
+    ("negative-step", lambda s: s.update(step=-5), "not a count of steps"),
+    ("optimizer-groups", lambda s: s["optimizer"].update(param_groups=s["optimizer"]["param_groups"] * 2),
+     "optimizer state does not fit"),
+])
+def test_m7_m8_m8b_a_tampered_checkpoint_is_refused_at_resume_in_one_line(tiny_checkpoint, tmp_path, capsys,
+                                                                          name, change, message):
+    from qgmrn.train import main as train_main
+    out = tmp_path / name
+    _tamper(tiny_checkpoint, out / "ckpt.pt", change)
+    before = (out / "ckpt.pt").read_bytes()
+    assert train_main(["--resume", "--out", str(out), "--steps", "8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert (out / "ckpt.pt").read_bytes() == before
+
+
+def _qoi() -> bytes:
+    return b"qoif" + (16).to_bytes(4, "big") * 2 + b"\x03\x00" + b"\xfe\xff\x00" * 40   # runs past its pixels
+
+
+@pytest.mark.parametrize("data", [_qoi(), b"DDS |" + b"\x00" * 124 + b"\x00" * 64, b"icns" + b"\x00" * 60])
+def test_m2_formats_pillow_half_supports_are_refused_by_content(data, demo_client):
+    from qgmrn.preprocess import load_rgb
+    from runtime.errors import ImageError
+    with pytest.raises(ImageError, match="not an image format"):
+        load_rgb(data)
+    r = demo_client.post("/answer", files={"image": ("x.png", data, "image/png")}, data={"question": QUESTION})
+    assert r.status_code == 400 and "not an image format" in r.json()["error"]
+
+
+def test_m1_an_image_over_pillows_own_limit_gets_the_same_413(demo_client):
+    import io
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("1", (14000, 14000)).save(buf, "PNG")                 # 196 MP: past Pillow's bomb limit
+    r = demo_client.post("/answer", files={"image": ("big.png", buf.getvalue(), "image/png")},
+                         data={"question": QUESTION})
+    assert r.status_code == 413 and "megapixels" in r.json()["error"] and "bomb" not in r.json()["error"]
+
+
+@pytest.mark.parametrize("field, value", [("scene_weight", "1e300"), ("tau", "1e-300"), ("load_weight", "1e9")])
+def test_m2b_settings_that_cannot_train_are_refused_before_any_file(tmp_path, capsys, field, value):
+    from qgmrn.train import main as train_main
+    out = tmp_path / "run"
+    assert train_main(["--preset", "tiny", "--steps", "2", "--out", str(out), "--set", f"{field}={value}"]) == 2
+    assert field in capsys.readouterr().err and not out.exists()
+
+
+def _copy_data(src, dst, change_scenes=None, drop_programs=False):
+    import shutil
+    shutil.copytree(src, dst)
+    if change_scenes:
+        p = dst / "scenes" / "CLEVR_train_scenes.json"
+        doc = json.loads(p.read_text())
+        change_scenes(doc["scenes"])
+        p.write_text(json.dumps(doc))
+    if drop_programs:
+        for split in ("train", "val"):
+            p = dst / "questions" / f"CLEVR_{split}_questions.json"
+            doc = json.loads(p.read_text())
+            for q in doc["questions"]:
+                q.pop("program", None)
+            p.write_text(json.dumps(doc))
+    return dst
+
+
+def test_m3_scene_records_without_objects_are_named(tiny_data, tmp_path, capsys):
+    from qgmrn.train import main as train_main
+    data = _copy_data(tiny_data, tmp_path / "data", change_scenes=lambda s: s[2].update(objects=[]))
+    rc = train_main(["--data-root", str(data), "--preset", "tiny", "--steps", "2", "--out", str(tmp_path / "r"),
+                     "--set", "scene_weight=0.5", "--set", "batch_size=8"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "list no objects" in err and "scene 2" in err and "lr" not in err
+
+
+def test_m4_the_default_preset_on_data_without_programs_trains_without_the_where_loss(tiny_data, tmp_path):
+    from conftest import tiny_train_config
+    from qgmrn.train import train
+    data = _copy_data(tiny_data, tmp_path / "data", drop_programs=True)
+    said: list = []
+    cfg = tiny_train_config(data, tmp_path / "r", preset="small", steps=1, scene_weight=None, where_weight=None)
+    train(cfg, log=said.append)
+    assert any("where loss is off" in str(m) for m in said) and (tmp_path / "r" / "ckpt.pt").exists()

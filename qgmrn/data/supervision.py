@@ -53,9 +53,12 @@ def _scene_rows(scenes: list, path: Path, image_dir: Path) -> tuple[np.ndarray, 
     ids = {a: {v: i for i, v in enumerate(ATTRIBUTES[a])} for a in ATTRIBUTE_ORDER}
     rows = np.full((len(scenes), MAX_OBJECTS, 6), -1.0, np.float32)
     by_file: dict[str, int] = {}
+    empty: list[str] = []
     for s, scene in enumerate(scenes):
         try:
             name, objects = scene["image_filename"], scene["objects"]
+            if isinstance(objects, list) and not objects:
+                empty.append(f"scene {s} ({name})")
             with Image.open(image_dir / name) as im:        # reads the header only
                 width, height = im.size
             if len(objects) > MAX_OBJECTS:
@@ -74,6 +77,10 @@ def _scene_rows(scenes: list, path: Path, image_dir: Path) -> tuple[np.ndarray, 
         except (KeyError, TypeError, IndexError, ValueError, OSError) as e:
             raise DataError(f"{path}: scene {s}: not a usable CLEVR scene record ({type(e).__name__}: {e})") from e
         by_file[name] = s
+    if empty:
+        raise DataError(f"{path}: {len(empty)} scene record(s) list no objects ({', '.join(empty[:3])}"
+                        f"{', ...' if len(empty) > 3 else ''}): the scene loss learns from each scene's objects; "
+                        "fix those records, or train with --set scene_weight=0 --set where_weight=0")
     return rows, by_file
 
 

@@ -39,7 +39,7 @@ from .cli import parse_args
 from .data import resolve_data
 from .hardware import _all_sum, _dist_setup, cpu_has_amx_bf16, cpu_has_bf16, training_precision
 from .report import Reporter, write_atomic
-from .resume import (RunFolderLock, _finished_message, absolute_paths, check_out_dir, given_fields,
+from .resume import (RunFolderLock, _finished_message, absolute_paths, check_out_dir, check_resumable, given_fields,
                      restore_config, restore_model_overrides, trim_metrics)
 from .run import Run, build_or_restore, planned_steps
 from .schedule import lr_lambda, resolve_lr
@@ -265,6 +265,7 @@ def settle_settings(cfg: TrainConfig, model_overrides, resume, init_from, given)
     model_overrides = dict(model_overrides or {})
     if resume:
         resume_state = load_checkpoint(resume)
+        check_resumable(resume_state, resume)
         if model_overrides:
             restore_model_overrides(model_overrides, resume_state["model_config"], resume)
         chosen = dict(given if given is not None else given_fields(cfg))

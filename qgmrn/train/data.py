@@ -119,12 +119,20 @@ def resolve_data(cfg: TrainConfig, main_rank: bool, say) -> Data:
         raise DataError("the training and validation splits must each hold at least one question")
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(where)
     has_scenes = not cfg.jsonl and not cfg.humans and (Path(cfg.data_root) / "scenes" / "CLEVR_train_scenes.json").exists()
+    auto_where = cfg.where_weight is None
     cfg = resolve_supervision(cfg, has_scenes)
     targets = None
     if cfg.scene_weight or cfg.where_weight:
         targets = load_scene_targets(cfg.data_root, "train", len(train_s))
         say(f"supervision: {targets.summary()}")
-        if cfg.where_weight and not targets.where_ok.any():
+        if cfg.where_weight and not targets.where_ok.any() and auto_where:
+            # the preset's default, not the user's choice: data without programs trains without it
+            say("supervision: no training question has a program that runs on its scene; the where loss "
+                "is off (where_weight=0)")
+            cfg = dataclasses.replace(cfg, where_weight=0.0)
+            if not cfg.scene_weight:
+                targets = None
+        elif cfg.where_weight and not targets.where_ok.any():
             raise DataError(f"where_weight needs questions with programs that run on their scenes; none of "
                             f"the {len(train_s)} training questions has one")
     return Data(cfg, train_s, val_s, cache_dir, names, targets)

@@ -50,6 +50,40 @@ def restore_config(saved: dict, given: dict, path) -> TrainConfig:
     return validate(TrainConfig(**cfg))
 
 
+def check_resumable(state: dict, path) -> None:
+    """What --resume needs of a checkpoint, checked before any work: one CheckpointError line for a
+    tampered or truncated one, instead of a traceback mid-setup or a run that trains on nonsense."""
+    from ..checkpoint import CheckpointError
+    cfg = state.get("model_config") or {}
+
+    def words(key):
+        value = state.get(key)
+        if not isinstance(value, (list, tuple)) or not all(isinstance(w, str) for w in value):
+            raise CheckpointError(f"{path}: its {key} is not a list of strings; it cannot be resumed")
+        if len(set(value)) != len(value):
+            raise CheckpointError(f"{path}: its {key} repeats entries; it cannot be resumed")
+        return value
+    vocab, answers = words("vocab"), words("answers")
+    if len(vocab) != cfg.get("vocab_size"):
+        raise CheckpointError(f"{path}: its vocabulary has {len(vocab)} words but its model embeds "
+                              f"{cfg.get('vocab_size')}; it cannot be resumed")
+    if len(answers) != cfg.get("num_answers"):
+        raise CheckpointError(f"{path}: it has {len(answers)} answers but its model predicts "
+                              f"{cfg.get('num_answers')}; it cannot be resumed")
+    step = state.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{path}: its step {step!r} is not a count of steps; it cannot be resumed")
+    limit = state.get("max_question_len")
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise CheckpointError(f"{path}: its question limit {limit!r} is not a positive integer")
+    for key in ("optimizer", "scheduler"):
+        if not isinstance(state.get(key), dict):
+            raise CheckpointError(f"{path} holds no {key} state (a model-only or tampered checkpoint): it "
+                                  "cannot be resumed; start from its weights with --init-from instead")
+    if state.get("supervision") is not None and not isinstance(state["supervision"], dict):
+        raise CheckpointError(f"{path}: its scene/where heads are not a set of weights; it cannot be resumed")
+
+
 def restore_model_overrides(overrides: dict, model_config: dict, resume) -> None:
     """On --resume, --set MODEL_FIELD=V may repeat the checkpoint's model (so the command that
     started a run continues it) but never change it: one line names each field that differs."""

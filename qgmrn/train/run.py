@@ -124,8 +124,12 @@ def build_or_restore(cfg: TrainConfig, data: Data, resume_state, init_from, mode
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total))
     step, seconds = 0, 0.0
     if resume_state is not None:
-        optimizer.load_state_dict(resume_state["optimizer"])
-        scheduler.load_state_dict(resume_state["scheduler"])
+        try:
+            optimizer.load_state_dict(resume_state["optimizer"])
+            scheduler.load_state_dict(resume_state["scheduler"])
+        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+            raise CheckpointError(f"the checkpoint's optimizer state does not fit its model ({e}): it cannot "
+                                  "be resumed; start from its weights with --init-from instead") from e
         step, seconds = resume_state["step"], float(resume_state.get("train_seconds", 0.0))
     ddp = torch.nn.parallel.DistributedDataParallel(trainer) if dist.is_initialized() else trainer
     return Run(cfg, model, heads, ddp, optimizer, scheduler, vocab, answers, max_len, train_ds, val_ds,

@@ -9,7 +9,8 @@ from ..config import ModelConfig, get_config
 from ..settings import SettingsError, typed
 
 
-SCENE_GATES = ("question", "open")      # the map the scene loss reads (qgmrn/train/supervision.py)
+SCENE_GATES = ("question", "open")
+MAX_LOSS_WEIGHT = 100.0                 # a loss weight beyond this drowns the answer's cross-entropy      # the map the scene loss reads (qgmrn/train/supervision.py)
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         value = getattr(cfg, name)
         if value is not None and not (math.isfinite(value) and value >= 0.0):
             raise SettingsError(f"{name} must be a finite number, not negative, got {value}")
+        if value is not None and value > MAX_LOSS_WEIGHT:    # the answer's loss would vanish beside it
+            raise SettingsError(f"{name} must be at most {MAX_LOSS_WEIGHT:g}, got {value}")
     if cfg.scene_gates not in SCENE_GATES:
         raise SettingsError(f"scene_gates must be 'question' or 'open', got {cfg.scene_gates!r}")
     if (cfg.scene_weight or cfg.where_weight) and (cfg.jsonl or cfg.humans):
