@@ -148,8 +148,12 @@ def serve_local(a, model, stop: Stop) -> None:
     engine = LocalEngine(model, a.max_batch, a.batch_wait_ms)
     sock = bind(a.host, a.port)
     app = build_asgi(engine, demo=not a.no_demo)
+    from .protocol import MAX_CONNECTIONS, HeaderDeadline
+    # headers must arrive within HEADER_SECONDS (a stalled client is closed), at most MAX_CONNECTIONS
+    # at once (503 past it), so stalled clients cannot use up the process's file descriptors
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=DRAIN_SECONDS,
-                            timeout_keep_alive=5, lifespan="on")
+                            timeout_keep_alive=5, lifespan="on", http=HeaderDeadline,
+                            limit_concurrency=MAX_CONNECTIONS)
     server = uvicorn.Server(config)
     if stop:
         return

@@ -286,3 +286,27 @@ def test_m4_the_default_preset_on_data_without_programs_trains_without_the_where
     cfg = tiny_train_config(data, tmp_path / "r", preset="small", steps=1, scene_weight=None, where_weight=None)
     train(cfg, log=said.append)
     assert any("where loss is off" in str(m) for m in said) and (tmp_path / "r" / "ckpt.pt").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("uvicorn") is None, reason="the serve extra is not installed")
+def test_m3_clients_that_never_finish_their_headers_are_closed(monkeypatch):
+    import socket
+    import time
+    import serving
+    monkeypatch.setitem(serving.ENV, "QGMRN_HEADER_SECONDS", "2")
+    url, proc = serving.start("local", "--no-demo")
+    try:
+        port = int(url.rsplit(":", 1)[1])
+        stalled = []
+        for i in range(60):
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n" if i % 2 else b"")   # half headers, or nothing
+            s.settimeout(8)
+            stalled.append(s)
+        assert serving.request(url + "/healthz", timeout=5)[0] == 200
+        t0 = time.time()
+        closed = sum(s.recv(1) == b"" for s in stalled)                 # the server hangs up on each
+        assert closed == len(stalled) and time.time() - t0 < 8
+        assert serving.request(url + "/healthz", timeout=5)[0] == 200
+    finally:
+        serving.stop(proc)
