@@ -25,6 +25,7 @@ from pathlib import Path
 from .errors import ImageError, QuestionError
 
 MAX_BODY = 20 * 2**20               # bytes per request: a 12 MP JPEG fits, a video does not
+MAX_BUFFERED = 256 * 2**20          # body bytes held across all requests at once: past it, a 503
 BODY_SECONDS = 15.0                 # the whole body must arrive within this; a stalled upload is 408
 MAX_QUESTION_CHARS = 1000           # the model's token limit decides; this stops megabyte "questions"
 MAX_TOP_K = 100
@@ -107,8 +108,9 @@ class BodyLimit:
     wraps the app on both engines, and Ray Serve's HTTP proxy too (which reads whole bodies before a
     replica sees them): `proxy_middlewares()`."""
 
-    def __init__(self, app, limit: int = MAX_BODY, seconds: float = BODY_SECONDS):
-        self.app, self.limit, self.seconds = app, limit, seconds
+    def __init__(self, app, limit: int = MAX_BODY, seconds: float = BODY_SECONDS, total: int = MAX_BUFFERED):
+        self.app, self.limit, self.seconds, self.total = app, limit, seconds, total
+        self.buffered = 0                               # body bytes held by every request in flight
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
@@ -139,12 +141,20 @@ class BodyLimit:
             except asyncio.TimeoutError:
                 return await refuse(408, f"the request body did not arrive within {self.seconds:g} s")
             if message["type"] == "http.request":
-                state["received"] += len(message.get("body", b""))
+                n = len(message.get("body", b""))
+                state["received"] += n
+                self.buffered += n
                 if state["received"] > self.limit:
                     return await refuse(413, f"the request body is over {self.limit} bytes")
+                if self.buffered > self.total:
+                    return await refuse(503, f"the server holds {self.total // 2**20} MB of uploads already; "
+                                             "retry shortly")
                 state["complete"] = not message.get("more_body", False)
             return message
-        await self.app(scope, guarded_receive, guarded_send)
+        try:
+            await self.app(scope, guarded_receive, guarded_send)
+        finally:
+            self.buffered -= state["received"]
 
 
 def proxy_middlewares() -> list:

@@ -310,3 +310,39 @@ def test_m3_clients_that_never_finish_their_headers_are_closed(monkeypatch):
         assert serving.request(url + "/healthz", timeout=5)[0] == 200
     finally:
         serving.stop(proc)
+
+
+def test_m4_bytes_buffered_across_requests_are_capped():
+    """Uploads held open together cost memory each: past the total, the next chunk is a 503, and what
+    the finished requests held is released."""
+    import asyncio
+    from runtime.api import BodyLimit
+
+    async def app(scope, receive, send):                       # reads the whole body, then answers
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def upload(guard, release: asyncio.Event, statuses: list):
+        chunks = [{"type": "http.request", "body": b"x" * 600, "more_body": True}]
+
+        async def receive():
+            if chunks:
+                return chunks.pop()
+            await release.wait()
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+        await guard({"type": "http", "method": "POST", "headers": []}, receive, send)
+
+    async def main():
+        guard, release, statuses = BodyLimit(app, limit=1000, seconds=5, total=1500), asyncio.Event(), []
+        tasks = [asyncio.create_task(upload(guard, release, statuses)) for _ in range(3)]
+        await asyncio.sleep(0.1)
+        release.set()
+        await asyncio.gather(*tasks)
+        assert sorted(statuses) == [200, 200, 503] and guard.buffered == 0
+    asyncio.run(main())
