@@ -154,9 +154,9 @@ def _decode(source, what: str) -> Image.Image:
             rgb = _to_rgb(ImageOps.exif_transpose(im), what)
     except Image.DecompressionBombError as e:             # Pillow's own limit, above ours: one message
         found = re.search(r"\((\d+) pixels\)", str(e))
-        size = f" ({int(found.group(1)) / 1e6:.0f} megapixels)" if found else ""
-        raise ImageError(f"{what} is more than the {MAX_PIXELS // 10**6} megapixels this runtime decodes"
-                         f"{size}; shrink it first") from e
+        size = f" ({int(found.group(1)):,} pixels)" if found else ""
+        raise ImageError(f"{what} is too large{size}: at most {MAX_PIXELS // 10**6} megapixels are decoded; "
+                         "shrink it first") from e
     except UnidentifiedImageError as e:
         raise ImageError(f"cannot decode {what}: not an image format Pillow reads "
                          f"(accepted: {', '.join(FORMATS)})") from e

@@ -27,7 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a chec
 
 # name -> (preset, [--set FIELD=VALUE ...]); one change at a time against "plain".
 # The paper's loss: the CPU presets now learn from scenes and programs unless told not to.
-PAPER = ["scene_weight=0", "where_weight=0"]
+PAPER = ["scene_weight=0", "where_weight=0", "exec_target=0"]
+# The arms of issue 28 ran before the scene loss read the open pass by default and before the
+# target execution rate: pinned, so each name keeps meaning what was run.
+GATED = ["scene_gates=question", "exec_target=0"]
 CANDIDATES: dict[str, tuple[str, list[str]]] = {
     "plain": ("small", [*PAPER]),                                              # the old default
     "plain-lr3e-4": ("small", ["lr=3e-4", *PAPER]),
@@ -42,20 +45,20 @@ CANDIDATES: dict[str, tuple[str, list[str]]] = {
     # Issue 28: learning from the scene and the program (training only), against the current recipe's
     # model (small-frn, bf16 where the CPU has it, lr 1e-3). Weights: scene 0.5, where 1.
     "frn": ("small-frn", [*PAPER]),
-    "frn-scene": ("small-frn", ["scene_weight=0.5", "where_weight=0"]),
-    "frn-where": ("small-frn", ["where_weight=1", "scene_weight=0"]),
-    "frn-both": ("small-frn", ["scene_weight=0.5", "where_weight=1"]),
-    "frn-both-open": ("small-frn", ["scene_weight=0.5", "where_weight=1", "scene_gates=open"]),
-    "frn-both-attn": ("small-frn+attn", ["scene_weight=0.5", "where_weight=1"]),
+    "frn-scene": ("small-frn", ["scene_weight=0.5", "where_weight=0", *GATED]),
+    "frn-where": ("small-frn", ["where_weight=1", "scene_weight=0", *GATED]),
+    "frn-both": ("small-frn", ["scene_weight=0.5", "where_weight=1", *GATED]),
+    "frn-both-open": ("small-frn", ["scene_weight=0.5", "where_weight=1", "scene_gates=open", "exec_target=0"]),
+    "frn-both-attn": ("small-frn+attn", ["scene_weight=0.5", "where_weight=1", *GATED]),
     "frn-attn": ("small-frn+attn", [*PAPER]),
     # Does a finer final map pay now that the scene loss teaches it? (16x16: stage 3 keeps its size;
     # 96 px: a 12x12 map from a larger input.) Against frn-both on the same data.
-    "frn-both-s16": ("small-frn", ["scene_weight=0.5", "where_weight=1", "stage_strides=1,2,1,1"]),
-    "frn-both-96px": ("small-frn", ["scene_weight=0.5", "where_weight=1", "image_size=96"]),
+    "frn-both-s16": ("small-frn", ["scene_weight=0.5", "where_weight=1", "stage_strides=1,2,1,1", *GATED]),
+    "frn-both-96px": ("small-frn", ["scene_weight=0.5", "where_weight=1", "image_size=96", *GATED]),
     # The built-in run's train accuracy equals its val (61-64% vs 60-62%): is the model at capacity?
     # Twice the channels (BRN small's widths, 4 x 128 modules) or twice the blocks (8 routing layers).
-    "frn-both-wide": ("small-frn", ["scene_weight=0.5", "where_weight=1", "stage_widths=32,64,128,128"]),
-    "frn-both-deep": ("small-frn", ["scene_weight=0.5", "where_weight=1", "stage_depths=2,2,2,2"]),
+    "frn-both-wide": ("small-frn", ["scene_weight=0.5", "where_weight=1", "stage_widths=32,64,128,128", *GATED]),
+    "frn-both-deep": ("small-frn", ["scene_weight=0.5", "where_weight=1", "stage_depths=2,2,2,2", *GATED]),
     # Issue 39: routing that carries the question. The scene loss on an all-open second pass (its
     # gain does not need open gates) and a target execution rate per layer (ConvNet-AIG's target-rate
     # loss), ranked at >= 1 M samples against frn-both (scene loss on the gated map: 99% executed).
@@ -64,8 +67,9 @@ CANDIDATES: dict[str, tuple[str, list[str]]] = {
     "frn-both-open-t45": ("small-frn", ["scene_weight=0.5", "where_weight=1", "scene_gates=open",
                                         "exec_target=0.45"]),
     "frn-open-t60": ("small-frn", ["scene_weight=0", "where_weight=1", "exec_target=0.6"]),
+    "default": ("small", []),                       # what python -m qgmrn.train trains, on DIR
     "brn": ("small", [*PAPER]),
-    "brn-both": ("small", ["scene_weight=0.5", "where_weight=1"]),
+    "brn-both": ("small", ["scene_weight=0.5", "where_weight=1", *GATED]),
 }
 TYPES = ("count", "exist", "compare_numbers", "query_attribute", "compare_attribute")
 QUERY = ("query_color", "query_shape", "query_size", "query_material")

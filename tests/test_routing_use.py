@@ -67,3 +67,20 @@ def test_exec_target_is_checked_before_any_work(tmp_path):
     with pytest.raises(SettingsError, match="exec_target"):
         train(tiny_train_config(None, tmp_path / "x", exec_target=1.5), log=lambda *a: None)
     assert not (tmp_path / "x").exists()
+
+
+def test_the_cpu_presets_route_by_default_and_old_runs_keep_their_loss():
+    """Where the CPU presets learn from scenes, the scene loss reads the open pass and a 0.6 target
+    rate keeps the routing the question's; the paper's presets and explicit settings are untouched;
+    a run saved before these settings resumes with the loss it trained with."""
+    from qgmrn.train import TrainConfig
+    from qgmrn.train.data import resolve_supervision
+    from qgmrn.train.resume import restore_config
+    auto = resolve_supervision(TrainConfig(preset="small-frn"), has_scenes=True)
+    assert (auto.scene_weight, auto.where_weight, auto.exec_target, auto.scene_gates) == (0.5, 1.0, 0.6, "open")
+    assert resolve_supervision(TrainConfig(preset="brn-c32"), has_scenes=True).exec_target == 0.0
+    assert resolve_supervision(TrainConfig(preset="small"), has_scenes=False).exec_target == 0.0
+    assert resolve_supervision(TrainConfig(preset="small", exec_target=0.0), has_scenes=True).exec_target == 0.0
+    old = {"preset": "small-frn", "steps": 10, "scene_weight": 0.5, "where_weight": 1.0}   # no such fields then
+    cfg = restore_config(old, {}, "runs/old/ckpt.pt")
+    assert cfg.exec_target == 0.0 and cfg.scene_gates == "question"

@@ -86,7 +86,7 @@ def training_loss(cfg: TrainConfig, layer_sizes, output, aux, labels: torch.Tens
     vqa = F.cross_entropy(output.logits.float(), labels)
     lb = load_balancing_loss(output.gates.float(), layer_sizes)
     loss = vqa + cfg.load_weight * lb + cfg.scene_weight * aux.scene + cfg.where_weight * aux.where
-    if cfg.exec_target > 0:
+    if cfg.exec_target:
         loss = loss + cfg.exec_weight * target_rate_loss(output.gates.float(), layer_sizes, cfg.exec_target)
     return loss, lb
 

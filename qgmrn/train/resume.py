@@ -33,8 +33,9 @@ def restore_config(saved: dict, given: dict, path) -> TrainConfig:
     setting that contradicts the run is refused."""
     known = field_types(TrainConfig)
     cfg = dict(typed(TrainConfig, {k: v for k, v in saved.items() if k in known}, f"{path}: train_config"))
-    for k in ("scene_weight", "where_weight"):      # runs from before these losses trained without them
+    for k in ("scene_weight", "where_weight", "exec_target"):   # runs from before these losses: without them
         cfg.setdefault(k, 0.0)
+    cfg.setdefault("scene_gates", "question")                  # the scene loss's map before it was a setting
     for k, v in given.items():
         if k in RESUME_MAY_CHANGE:
             cfg[k] = v

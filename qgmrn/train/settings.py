@@ -28,17 +28,19 @@ class TrainConfig:
     warmup_start_lr: float = 3e-6
     anneal_steps: int = 0                    # > 0: the last this many steps decay the lr linearly to 0
     load_weight: float = 0.01                # lambda of the load-balancing loss (eq. 13)
-    exec_target: float = 0.0                 # training only, > 0: the fraction of each layer's modules
+    exec_target: float | None = None         # training only, > 0: the fraction of each layer's modules
                                              # a batch should execute (ConvNet-AIG's target-rate loss,
-                                             # the paper's "sparsity constraints"); 0: off
+                                             # the paper's "sparsity constraints"); 0: off. None: 0.6 for
+                                             # the CPU presets where the data has scenes, else 0
     exec_weight: float = 1.0                 # weight of that loss (when exec_target > 0)
     scene_weight: float | None = None        # training only: objects' attributes and presence on the
                                              # final map, from the scene records (0: the paper's loss)
     where_weight: float | None = None        # training only: the cells of the objects the question's
                                              # program points at, on the gated final map. None: on for
                                              # the CPU presets where the data has scenes, else 0
-    scene_gates: str = "question"            # the scene loss reads the map under the question's gates,
-                                             # or with every module "open" (a second visual pass)
+    scene_gates: str = "open"                # the scene loss reads the map with every module "open" (a
+                                             # second visual pass), or under the question's gates
+                                             # ("question": the routing then learns to stay open)
     seed: int = 0
     out: str = "runs/qgmrn"
     save_every: int = 500                    # steps between checkpoints
@@ -85,7 +87,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise SettingsError(f"warmup_start_lr must be a finite number, not negative, got {cfg.warmup_start_lr}")
     if cfg.lr is not None and not (0.0 < cfg.lr < 10.0):
         raise SettingsError(f"lr must lie in (0, 10), got {cfg.lr}")
-    if not (0.0 <= cfg.exec_target < 1.0):
+    if cfg.exec_target is not None and not (0.0 <= cfg.exec_target < 1.0):
         raise SettingsError(f"exec_target must lie in [0, 1) (0: off), got {cfg.exec_target}")
     for name in ("load_weight", "scene_weight", "where_weight", "exec_weight"):
         value = getattr(cfg, name)
