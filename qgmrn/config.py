@@ -56,12 +56,10 @@ class ModelConfig:
             for v in (values if isinstance(values, tuple) else (values,)):
                 if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                     raise ValueError(f"{name} must be a positive integer, got {values!r}")
-        if not 0.0 < self.route_init_prob < 1.0:
-            raise ValueError(f"route_init_prob must lie in (0, 1), got {self.route_init_prob}")
+        if not 1e-4 <= self.route_init_prob <= 1 - 1e-4:      # the routing bias log(p / (1 - p)) stays finite
+            raise ValueError(f"route_init_prob must lie in [0.0001, 0.9999], got {self.route_init_prob}")
         if not (math.isfinite(self.tau) and TAU_RANGE[0] <= self.tau <= TAU_RANGE[1]):
             raise ValueError(f"tau must lie in [{TAU_RANGE[0]:g}, {TAU_RANGE[1]:g}] (the paper's is 1), got {self.tau}")
-        if not 1e-4 <= self.route_init_prob <= 1 - 1e-4:
-            raise ValueError(f"route_init_prob must lie in [0.0001, 0.9999], got {self.route_init_prob}")
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
         if self.block_norm not in BLOCK_NORMS:
@@ -73,10 +71,6 @@ class ModelConfig:
             for w in self.stage_widths:
                 if w % self.cardinality:
                     raise ValueError(f"stage width {w} is not divisible by cardinality {self.cardinality}")
-        if not 0.0 < self.route_init_prob < 1.0:
-            raise ValueError("route_init_prob must lie in (0, 1)")
-        if self.tau <= 0:
-            raise ValueError("tau must be positive")
         if self.attention and self.attn_dim % self.attn_heads:
             raise ValueError("attn_dim must be divisible by attn_heads")
 

@@ -36,23 +36,20 @@ def evaluate_model(model, dataset: VQADataset, batch_size: int = 128, device="cp
     was_training = model.training
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
-    preds, ratios, gates = [], [], []
-    sizes = torch.tensor(model.cfg.layer_sizes, dtype=torch.float32)
+    preds, gates = [], []
     for image, tokens, lengths, _ in loader:
         with torch.autocast(device_type=torch.device(device).type, dtype=amp_dtype, enabled=amp_dtype is not None):
             out = model(image.to(device), tokens.to(device), lengths.to(device))
         preds.append(out.logits.argmax(1).cpu())
-        ratios.append(out.gates.float().sum(2).cpu() / sizes)          # (B, L)
         gates.append(out.gates.cpu() > 0.5)                             # (B, L, M_max)
     model.train(was_training)
     preds = torch.cat(preds)
-    ratio = torch.cat(ratios).numpy()                                  # (N, L)
+    g = torch.cat(gates).numpy()                                       # (N, L, M_max); padded slots 0
+    ratio = g.sum(2).astype(np.float32) / np.asarray(model.cfg.layer_sizes, dtype=np.float32)   # (N, L)
     correct = (preds == dataset.labels).numpy()
     result = summarize(correct, dataset.samples, ratio)
-    if gates:
-        result["routing"]["use"] = routing_use(torch.cat(gates).numpy(), model.cfg.layer_sizes,
-                                               [s.image for s in dataset.samples],
-                                               [s.qtype for s in dataset.samples])
+    result["routing"]["use"] = routing_use(g, model.cfg.layer_sizes, [s.image for s in dataset.samples],
+                                           [s.qtype for s in dataset.samples])
     return result
 
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from ..files import os_error_line, remove_stale
+from ..files import os_error_line, remove_stale, write_atomic
 from ..config import get_config
 from ..data.datasets import collate
 from ..data.sources import DataError, majority_baseline
@@ -38,7 +38,7 @@ from ..settings import SettingsError
 from .cli import parse_args
 from .data import resolve_data
 from .hardware import _all_sum, _dist_setup, cpu_has_amx_bf16, cpu_has_bf16, training_precision
-from .report import Reporter, write_atomic
+from .report import Reporter
 from .resume import (RunFolderLock, _finished_message, absolute_paths, check_out_dir, check_resumable, given_fields,
                      restore_config, restore_model_overrides, trim_metrics)
 from .run import Run, build_or_restore, planned_steps

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
+from ..files import append_no_link, atomic_file
 from .run import Run
 
 
@@ -170,8 +170,5 @@ def draw_curves(metrics: Path, png: Path) -> bool:
 def _hms(seconds: float) -> str:
     s = int(seconds)
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-from ..files import append_no_link, atomic_file, write_atomic  # noqa: E402,F401  (one helper for every atomic write)
 
 

@@ -9,8 +9,8 @@ from ..config import ModelConfig, get_config
 from ..settings import SettingsError, typed
 
 
-SCENE_GATES = ("question", "open")
-MAX_LOSS_WEIGHT = 100.0                 # a loss weight beyond this drowns the answer's cross-entropy      # the map the scene loss reads (qgmrn/train/supervision.py)
+SCENE_GATES = ("question", "open")      # the map the scene loss reads (qgmrn/train/supervision.py)
+MAX_LOSS_WEIGHT = 100.0                 # a loss weight beyond this drowns the answer's cross-entropy
 
 
 @dataclass(frozen=True)
