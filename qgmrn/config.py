@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass
 
 ARCHS = ("brn", "frn")
+READOUTS = ("paper", "film")            # the plain head's map projection (PlainHead)
+POOLS = ("max", "max+sum")              # the plain head's pooling over positions
 TAU_RANGE = (0.01, 100.0)               # Gumbel-sigmoid temperatures that can train (1e-300 overflows)
 BLOCK_NORMS = ("group", "batch")
 POSITIVE = ("vocab_size", "num_answers", "image_size", "embed_dim", "hidden_dim", "stem_width", "stem_kernel",
@@ -44,6 +46,11 @@ class ModelConfig:
     # head (paper 3.4 and 4.2)
     attention: bool = False
     question_to_classifier: bool = True     # paper table 2: "w/ q"
+    readout: str = "paper"                  # plain head: "paper" (1x1 conv over [map, coords]) or "film"
+                                            # (two 1x1 convs over [map, coords, tiled q]: the question
+                                            # meets every position before pooling)
+    pool: str = "max"                       # plain head: "max" (paper: GMP) or "max+sum" (GMP beside a
+                                            # sum over positions, which grows with the number of objects)
     head_dim: int = 512
     mlp_dim: int = 1024
     attn_dim: int = 256
@@ -71,6 +78,12 @@ class ModelConfig:
             for w in self.stage_widths:
                 if w % self.cardinality:
                     raise ValueError(f"stage width {w} is not divisible by cardinality {self.cardinality}")
+        if self.readout not in READOUTS:
+            raise ValueError(f"readout must be one of {READOUTS}, got {self.readout!r}")
+        if self.pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
+        if self.attention and (self.readout, self.pool) != ("paper", "max"):
+            raise ValueError("readout and pool choose the plain head's read-out; the attention head has its own")
         if self.attention and self.attn_dim % self.attn_heads:
             raise ValueError("attn_dim must be divisible by attn_heads")
 

@@ -68,23 +68,56 @@ def coord_maps(x: torch.Tensor) -> torch.Tensor:
 
 
 class PlainHead(nn.Module):
-    """Map + coordinates -> 1x1 conv, BN, ReLU -> global max pool -> [., q] -> MLP (paper 4.2)."""
+    """Map + coordinates -> 1x1 conv, BN, ReLU -> global max pool -> [., q] -> MLP (paper 4.2).
+
+    Beyond the paper, two named settings (ModelConfig.readout, .pool; the paper's are the defaults):
+    - readout "film": [map, coordinates, q tiled over positions] -> 1x1 conv, BN, ReLU -> 1x1 conv,
+      BN, ReLU, so the question shifts every position's features before pooling (FiLM's classifier
+      input, Perez et al.), instead of meeting the image only after it.
+    - pool "max+sum": the max over positions beside the sum over positions (scaled by the fixed
+      1/(h*w), then BatchNorm1d): a max, like a softmax attention, is the same for one object and
+      for three; a sum is not. `pooled_sum` is what the training-only count loss reads.
+    """
 
     def __init__(self, cin: int, cfg: ModelConfig):
         super().__init__()
         self.use_q = cfg.question_to_classifier
-        self.proj = nn.Sequential(nn.Conv2d(cin + 2, cfg.head_dim, 1, bias=False),
-                                  nn.BatchNorm2d(cfg.head_dim), nn.ReLU(inplace=True))
-        fin = cfg.head_dim + (cfg.hidden_dim if self.use_q else 0)
+        self.film = cfg.readout == "film"
+        self.sum = cfg.pool == "max+sum"
+        d = cfg.head_dim
+        if self.film:
+            self.proj = nn.Sequential(nn.Conv2d(cin + 2 + cfg.hidden_dim, d, 1, bias=False),
+                                      nn.BatchNorm2d(d), nn.ReLU(inplace=True),
+                                      nn.Conv2d(d, d, 1, bias=False), nn.BatchNorm2d(d), nn.ReLU(inplace=True))
+        else:
+            self.proj = nn.Sequential(nn.Conv2d(cin + 2, d, 1, bias=False),
+                                      nn.BatchNorm2d(d), nn.ReLU(inplace=True))
+        self.sum_norm = nn.BatchNorm1d(d) if self.sum else None
+        fin = d * (2 if self.sum else 1) + (cfg.hidden_dim if self.use_q else 0)
         self.mlp = nn.Sequential(nn.Linear(fin, cfg.mlp_dim), nn.ReLU(inplace=True),
                                  nn.Linear(cfg.mlp_dim, cfg.num_answers))
 
+    def features(self, fmap: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """The projected map (B, head_dim, h, w) that pooling reads."""
+        parts = [fmap, coord_maps(fmap)]
+        if self.film:
+            parts.append(q.to(fmap.dtype).view(*q.shape, 1, 1).expand(-1, -1, *fmap.shape[2:]))
+        return self.proj(torch.cat(parts, dim=1))
+
+    def pooled_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over positions of the projected map x, scaled by the fixed 1/(h*w): (B, head_dim)."""
+        return x.mean(dim=(2, 3))
+
     def forward(self, fmap: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        x = self.proj(torch.cat([fmap, coord_maps(fmap)], dim=1))
-        x = torch.amax(x, dim=(2, 3))                             # GMP: (B, head_dim)
+        return self.answer(self.features(fmap, q), q)
+
+    def answer(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        pooled = torch.amax(x, dim=(2, 3))                        # GMP: (B, head_dim)
+        if self.sum_norm is not None:
+            pooled = torch.cat([pooled, self.sum_norm(self.pooled_sum(x))], dim=1)
         if self.use_q:
-            x = torch.cat([x, q], dim=1)
-        return self.mlp(x)
+            pooled = torch.cat([pooled, q], dim=1)
+        return self.mlp(pooled)
 
 
 class LayerNorm32(nn.LayerNorm):
@@ -170,15 +203,21 @@ class QGMRN(nn.Module):
         return self.forward_with_map(image, tokens, lengths)[0]
 
     def forward_with_map(self, image: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor
-                         ) -> tuple[ModelOutput, torch.Tensor]:
-        """forward, and the question-gated final feature map (B, C, h, w) it classified: what the
+                         ) -> tuple[ModelOutput, torch.Tensor, torch.Tensor | None]:
+        """forward, the question-gated final feature map (B, C, h, w) it classified, and the plain
+        head's projected map (B, head_dim, h, w; None for the attention head): what the
         training-only heads read (qgmrn/train/supervision.py). The exported graph is forward's."""
         q = self.encode_question(tokens, lengths)
         gates, route_logits = self.route(q)
         fmap = self.encode_image(image, gates)
-        logits = self.classify(fmap, q)
+        head_map = None
+        if isinstance(self.head, PlainHead):
+            head_map = self.head.features(fmap, q)
+            logits = self.head.answer(head_map, q)
+        else:
+            logits = self.classify(fmap, q)
         return ModelOutput(logits, self.router.to_layers(gates, 0.0),
-                           self.router.to_layers(route_logits, PAD_LOGIT)), fmap
+                           self.router.to_layers(route_logits, PAD_LOGIT)), fmap, head_map
 
 
 def create_model(name_or_cfg: str | ModelConfig, **overrides) -> QGMRN:

@@ -67,6 +67,17 @@ CANDIDATES: dict[str, tuple[str, list[str]]] = {
     "frn-both-open-t45": ("small-frn", ["scene_weight=0.5", "where_weight=1", "scene_gates=open",
                                         "exec_target=0.45"]),
     "frn-open-t60": ("small-frn", ["scene_weight=0", "where_weight=1", "exec_target=0.6"]),
+    # Issue 39 part 2: read-outs where the question meets the map before pooling, and can count;
+    # each against frn-both-open-t60 (the CPU presets' routing recipe), at >= 1 M samples.
+    "frn-t60-film": ("small-frn", ["scene_weight=0.5", "where_weight=1", "scene_gates=open",
+                                   "exec_target=0.6", "readout=film"]),
+    "frn-t60-sum-count": ("small-frn", ["scene_weight=0.5", "where_weight=1", "scene_gates=open",
+                                        "exec_target=0.6", "pool=max+sum", "count_weight=0.5"]),
+    "frn-t60-film-sum-count": ("small-frn", ["scene_weight=0.5", "where_weight=1", "scene_gates=open",
+                                             "exec_target=0.6", "readout=film", "pool=max+sum",
+                                             "count_weight=0.5"]),
+    "frn-t60-attn": ("small-frn+attn", ["scene_weight=0.5", "where_weight=1", "scene_gates=open",
+                                        "exec_target=0.6"]),
     "default": ("small", []),                       # what python -m qgmrn.train trains, on DIR
     "brn": ("small", [*PAPER]),
     "brn-both": ("small", ["scene_weight=0.5", "where_weight=1", *GATED]),

@@ -85,7 +85,8 @@ def training_loss(cfg: TrainConfig, layer_sizes, output, aux, labels: torch.Tens
     (loss, load-balancing term)."""
     vqa = F.cross_entropy(output.logits.float(), labels)
     lb = load_balancing_loss(output.gates.float(), layer_sizes)
-    loss = vqa + cfg.load_weight * lb + cfg.scene_weight * aux.scene + cfg.where_weight * aux.where
+    loss = (vqa + cfg.load_weight * lb + cfg.scene_weight * aux.scene + cfg.where_weight * aux.where
+            + cfg.count_weight * aux.count)
     if cfg.exec_target:
         loss = loss + cfg.exec_weight * target_rate_loss(output.gates.float(), layer_sizes, cfg.exec_target)
     return loss, lb
@@ -95,8 +96,8 @@ def train_one_epoch(run: Run, reporter: Reporter, save, stop: dict, noise: torch
     """Stage 3: steps until the epoch (or curriculum chunk) ends, the run ends, or a signal."""
     cfg, mcfg = run.cfg, run.model.cfg
     loader, in_curriculum = batches_from(run)
-    # loss*n, correct, n, exec*n, load*n, scene*n, where*n
-    acc = torch.zeros(7, dtype=torch.float64, device=run.device)
+    # loss*n, correct, n, exec*n, load*n, scene*n, where*n, count*n
+    acc = torch.zeros(8, dtype=torch.float64, device=run.device)
     t0 = mark = time.perf_counter()
     run.ddp.train()
     for image, tokens, lengths, labels, *targets in loader:
@@ -108,7 +109,7 @@ def train_one_epoch(run: Run, reporter: Reporter, save, stop: dict, noise: torch
         if run.channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device_type=run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
-            output, aux = run.ddp(image, tokens, lengths, target)
+            output, aux = run.ddp(image, tokens, lengths, target, labels)
             loss, lb = training_loss(cfg, mcfg.layer_sizes, output, aux, labels)
         # One host sync per step: the non-finite check must precede the update, and every
         # rank must agree on stopping. Metrics accumulate on the device.
@@ -130,7 +131,7 @@ def train_one_epoch(run: Run, reporter: Reporter, save, stop: dict, noise: torch
             acc += torch.stack([loss.detach().float() * n, (output.logits.argmax(1) == labels).sum().float(),
                                 loss.new_tensor(float(n)), output.gates.float().sum() / sum(mcfg.layer_sizes),
                                 lb.detach().float() * n, aux.scene.detach().float() * n,
-                                aux.where.detach().float() * n]).double()
+                                aux.where.detach().float() * n, aux.count.detach().float() * n]).double()
         rec = None
         if run.step % cfg.log_every == 0 or run.step == run.total:
             tot = _all_sum(acc.clone()).tolist()
@@ -140,6 +141,8 @@ def train_one_epoch(run: Run, reporter: Reporter, save, stop: dict, noise: torch
                    "lr": run.scheduler.get_last_lr()[0], "samples_per_s": tot[2] / (now - t0)}
             if run.heads is not None:
                 rec.update(scene_loss=tot[5] / tot[2], where_loss=tot[6] / tot[2])
+                if cfg.count_weight:
+                    rec["count_loss"] = tot[7] / tot[2]
             acc.zero_()
             t0 = now
         run.train_seconds += time.perf_counter() - mark

@@ -18,7 +18,7 @@ from ..preprocess import Vocab
 from .data import Data, question_limit, warn_about_val
 from .hardware import training_precision
 from .schedule import Curriculum, build_curriculum, lr_lambda, resolve_lr
-from .settings import TrainConfig
+from .settings import SettingsError, TrainConfig
 from .supervision import SupervisionHeads, TrainingForward, build_heads
 
 
@@ -107,12 +107,19 @@ def build_or_restore(cfg: TrainConfig, data: Data, resume_state, init_from, mode
     if rank == 0:
         warn_about_val(val_subset, vocab, answers, say)
 
-    heads = build_heads(model.visual.out_channels, cfg.scene_weight, cfg.where_weight)
+    if cfg.count_weight and model.cfg.pool != "max+sum":
+        raise SettingsError("count_weight reads the head's sum over positions: it needs the model setting "
+                            f"pool=max+sum (--set pool=max+sum), not pool={model.cfg.pool}")
+    if cfg.count_weight and not any(a.isdigit() for a in answers):
+        raise SettingsError("count_weight needs count questions (answers that are whole numbers); this "
+                            "data's answers have none")
+    heads = build_heads(model.visual.out_channels, cfg.scene_weight, cfg.where_weight, cfg.count_weight,
+                        answers, model.cfg.head_dim)
     if resume_state is not None and heads is not None:
         try:
             heads.load_state_dict(resume_state["supervision"])
         except (KeyError, RuntimeError) as e:
-            raise CheckpointError(f"the checkpoint's scene/where heads are missing or do not fit: {e}") from e
+            raise CheckpointError(f"the checkpoint's scene/where/count heads are missing or do not fit: {e}") from e
     model.to(device)
     amp_dtype = training_precision(cfg, device)
     channels_last = device.type == "cuda" or amp_dtype is not None     # faster for both there

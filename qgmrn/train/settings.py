@@ -38,6 +38,9 @@ class TrainConfig:
     where_weight: float | None = None        # training only: the cells of the objects the question's
                                              # program points at, on the gated final map. None: on for
                                              # the CPU presets where the data has scenes, else 0
+    count_weight: float = 0.0                # training only, with the model setting pool="max+sum": a
+                                             # linear read of the head's sum over positions predicts
+                                             # each count question's answer (smooth L1)
     scene_gates: str = "open"                # the scene loss reads the map with every module "open" (a
                                              # second visual pass), or under the question's gates
                                              # ("question": the routing then learns to stay open)
@@ -89,7 +92,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise SettingsError(f"lr must lie in (0, 10), got {cfg.lr}")
     if cfg.exec_target is not None and not (0.0 <= cfg.exec_target < 1.0):
         raise SettingsError(f"exec_target must lie in [0, 1) (0: off), got {cfg.exec_target}")
-    for name in ("load_weight", "scene_weight", "where_weight", "exec_weight"):
+    for name in ("load_weight", "scene_weight", "where_weight", "exec_weight", "count_weight"):
         value = getattr(cfg, name)
         if value is not None and not (math.isfinite(value) and value >= 0.0):
             raise SettingsError(f"{name} must be a finite number, not negative, got {value}")

@@ -11,6 +11,9 @@ test-time graph, parity and the runtime never see them.
   objects the question's program points at (binary cross-entropy over every cell). The channel
   does not see the question; only the routing can make the map answer "where", so the loss
   teaches the routing to select what the question names.
+- count loss (count_weight; with the model setting pool="max+sum"): a linear read of the head's sum
+  over positions predicts a count question's answer (smooth L1), so that sum learns to count. It
+  needs only the answers: a count answer is an answer that is a whole number.
 """
 from __future__ import annotations
 
@@ -30,15 +33,31 @@ CLASSES = tuple(len(ATTRIBUTES[a]) for a in ATTRIBUTE_ORDER)        # colour 8, 
 class AuxLosses(NamedTuple):
     scene: torch.Tensor            # scalar; 0 when the scene loss is off
     where: torch.Tensor            # scalar; 0 when the where loss is off
+    count: torch.Tensor            # scalar; 0 when the count loss is off
 
 
 class SupervisionHeads(nn.Module):
-    """1x1 conv heads on the final map (B, C, h, w): attributes + presence, and "where"."""
+    """1x1 conv heads on the final map (B, C, h, w): attributes + presence, and "where"; a linear
+    count read of the plain head's pooled sum."""
 
-    def __init__(self, channels: int, scene: bool, where: bool):
+    def __init__(self, channels: int, scene: bool, where: bool, count_answers: "list[str] | None" = None,
+                 head_dim: int = 0):
         super().__init__()
         self.scene = nn.Conv2d(channels, sum(CLASSES) + 1, 1) if scene else None
         self.where = nn.Conv2d(channels, 1, 1) if where else None
+        self.count = nn.Linear(head_dim, 1) if count_answers else None
+        # answer id -> its count (-1: not a count answer); rebuilt from the answers, never saved
+        self.register_buffer("answer_counts", torch.tensor(
+            [float(a) if a.isdigit() else -1.0 for a in count_answers or []]), persistent=False)
+
+    def count_loss(self, pooled_sum: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """pooled_sum (B, head_dim) from PlainHead.pooled_sum; labels (B,) answer ids."""
+        target = self.answer_counts[labels]
+        counted = target >= 0
+        pred = self.count(pooled_sum.float()).squeeze(1)
+        if not counted.any():
+            return pred.sum() * 0.0
+        return F.smooth_l1_loss(pred[counted], target[counted])
 
     def scene_loss(self, fmap: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """fmap (B, C, h, w); targets (B, K, 7) from data.supervision.SceneTargets.item."""
@@ -86,14 +105,14 @@ class TrainingForward(nn.Module):
         super().__init__()
         self.model, self.heads, self.scene_gates = model, heads, scene_gates
 
-    def forward(self, image, tokens, lengths, targets=None) -> tuple[ModelOutput, AuxLosses]:
+    def forward(self, image, tokens, lengths, targets=None, labels=None) -> tuple[ModelOutput, AuxLosses]:
         if self.heads is None:
             output = self.model(image, tokens, lengths)
             zero = output.logits.new_zeros((), dtype=torch.float32)
-            return output, AuxLosses(zero, zero)
-        output, fmap = self.model.forward_with_map(image, tokens, lengths)   # fmap: (B, C, h, w), gated
+            return output, AuxLosses(zero, zero, zero)
+        output, fmap, head_map = self.model.forward_with_map(image, tokens, lengths)   # fmap: gated
         zero = output.logits.new_zeros((), dtype=torch.float32)
-        scene = where = zero
+        scene = where = count = zero
         if self.heads.scene is not None:
             if self.scene_gates == "open":                             # every module executed
                 sizes = self.model.cfg.layer_sizes
@@ -103,11 +122,15 @@ class TrainingForward(nn.Module):
                 scene = self.heads.scene_loss(fmap, targets)
         if self.heads.where is not None:
             where = self.heads.where_loss(fmap, targets)
-        return output, AuxLosses(scene, where)
+        if self.heads.count is not None:
+            count = self.heads.count_loss(self.model.head.pooled_sum(head_map), labels)
+        return output, AuxLosses(scene, where, count)
 
 
-def build_heads(channels: int, scene_weight: float, where_weight: float) -> SupervisionHeads | None:
+def build_heads(channels: int, scene_weight: float, where_weight: float, count_weight: float = 0.0,
+                answers: "list[str] | None" = None, head_dim: int = 0) -> SupervisionHeads | None:
     """The heads a run's weights ask for; None for the paper's loss alone."""
-    if scene_weight <= 0 and where_weight <= 0:
+    if scene_weight <= 0 and where_weight <= 0 and count_weight <= 0:
         return None
-    return SupervisionHeads(channels, scene_weight > 0, where_weight > 0)
+    return SupervisionHeads(channels, scene_weight > 0, where_weight > 0,
+                            list(answers or []) if count_weight > 0 else None, head_dim)
