@@ -163,3 +163,58 @@ def test_rerun_with_more_questions_rewrites_them_without_rendering_again(tmp_pat
     assert {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")} == images
     questions = json.loads((out / "questions" / "CLEVR_train_questions.json").read_text())
     assert len(questions["questions"]) == 14 and questions["info"]["questions_per_image"] == 7
+
+
+def _kill_one_render_worker(stop, killed: list) -> None:
+    """SIGKILL the first Ray worker caught rendering (its process title names the task)."""
+    import os
+    while not stop.is_set() and not killed:
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if cmd.startswith(b"ray::_render_remote"):
+                os.kill(int(pid), signal.SIGKILL)
+                killed.append(int(pid))
+                return
+        time.sleep(0.02)
+
+
+@needs_bpy
+@pytest.mark.slow
+def test_ray_cluster_renders_the_one_machine_dataset_byte_for_byte_with_a_worker_killed(tmp_path, capsys):
+    pytest.importorskip("ray")
+    import threading
+    from ray.cluster_utils import Cluster
+    args = ["--images", "10", "--val-images", "2", *TINY]
+    alone = _generate(tmp_path / "alone", *args)
+    assert alone.wait(180) == 0, alone.stderr.read()
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    stop, killed = threading.Event(), []
+    try:
+        for _ in range(2):                              # three nodes of one CPU each
+            cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        killer = threading.Thread(target=_kill_one_render_worker, args=(stop, killed), daemon=True)
+        killer.start()
+        assert generate_main(["--out", str(tmp_path / "ray"), *args, "--ray", cluster.address]) == 0
+    finally:
+        stop.set()
+        cluster.shutdown()
+    assert killed, "no render worker was caught mid-render"
+    out = capsys.readouterr().out
+    assert "on a Ray cluster of 3 CPUs" in out and "rendering 12 images" in out
+    ray_files, alone_files = _files(tmp_path / "ray"), _files(tmp_path / "alone")
+    assert ray_files.keys() == alone_files.keys()
+    for name, data in alone_files.items():
+        assert ray_files[name] == data, name            # PNGs, records, scenes, questions
+
+
+def test_ray_is_the_blender_renderers_option(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        generate_main(["--out", str(tmp_path / "d"), "--images", "2", "--ray"])
+    assert e.value.code == 2 and "--ray are the Blender renderer's" in capsys.readouterr().err

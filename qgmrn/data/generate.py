@@ -2,6 +2,7 @@
 
     python -m qgmrn.data.generate --out DIR --images 10000 [--val-images 2000] [--questions 10]
     python -m qgmrn.data.generate --renderer blender --out DIR --images N [--size W H] [--samples S]
+    python -m qgmrn.data.generate --renderer blender --ray [ADDRESS] ...    # on a Ray cluster
 
 Writes DIR/images/{train,val}/CLEVR_{split}_{i:06d}.png, DIR/scenes/CLEVR_{split}_scenes.json and
 DIR/questions/CLEVR_{split}_questions.json. Deterministic for a seed. The default renderer draws
@@ -100,6 +101,9 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, nargs=2, default=None, metavar=("W", "H"),
                     help="Blender image size (default 240 160)")
     ap.add_argument("--samples", type=int, default=None, help="Blender samples per pixel (default 32)")
+    ap.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                    help="Blender: render on a Ray cluster (ADDRESS: 'auto', HOST:PORT or ray://HOST:10001; "
+                         "alone: the cluster in RAY_ADDRESS, else a local one); the same dataset byte for byte")
     a = ap.parse_args(argv)
     if a.images < 1 or a.questions < 1:
         ap.error("--images and --questions must be positive")
@@ -116,8 +120,8 @@ def main(argv=None) -> int:
         ap.error(f"--objects MIN MAX must satisfy 1 <= MIN <= MAX <= 10, got {a.objects[0]} {a.objects[1]}")
     val = a.val_images if a.val_images is not None else max(1, a.images // 5)
     if a.renderer == "pillow":
-        if a.size or a.samples:
-            ap.error("--size and --samples are the Blender renderer's (--renderer blender)")
+        if a.size or a.samples or a.ray is not None:
+            ap.error("--size, --samples and --ray are the Blender renderer's (--renderer blender)")
         held = [p for p in (Path(a.out) / "questions").glob("CLEVR_*_questions.json")]
         # the val questions are written last: without them a dataset is one an interrupted run left
         complete = (Path(a.out) / "questions" / "CLEVR_val_questions.json").exists()
@@ -148,7 +152,7 @@ def _generate_blender(a, val: int, size, samples):
     from .rendered import Interrupted, SettingsMismatch, generate_rendered
     try:
         return generate_rendered(a.out, a.images, val, a.questions, a.seed, size, samples, tuple(a.objects),
-                                 log=lambda m: print(m, flush=True), workers=a.workers)
+                                 log=lambda m: print(m, flush=True), workers=a.workers, ray_address=a.ray)
     except Interrupted as e:
         print(f"error: {e}; every finished image is kept: rerun the same command to continue", file=sys.stderr)
         return 128 + e.signum

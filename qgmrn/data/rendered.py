@@ -109,7 +109,15 @@ def _start_worker(size, samples) -> None:
 
 def _render_one(job) -> int:
     out, split, index, settings = job
-    out, renderer = Path(out), _RENDERER
+    out = Path(out)
+    record = render_scene(_RENDERER, split, index, settings, _image(out, split, index))
+    write_json_atomic(_record(out, split, index), record)
+    return index
+
+
+def render_scene(renderer, split: str, index: int, settings: dict, path: Path) -> dict:
+    """Sample image `index`'s scene from its own seeded RNG, render it to `path` and return its
+    scene record: the same bytes wherever it runs (one Cycles thread, no denoiser)."""
     rng = _rng(settings["seed"], split, index)
     lo, hi = settings["objects"]
     n_objects = rng.randint(lo, hi)
@@ -120,9 +128,8 @@ def _render_one(job) -> int:
     width, height = settings["size"]
     record = world.scene_record(layout, index, split, width, height)
     seed = int.from_bytes(hashlib.sha256(f"{settings['seed']}/{split}/{index}".encode()).digest()[:4], "little") >> 1
-    renderer.render(layout, out / "images" / split / record["image_filename"], seed=seed)
-    write_json_atomic(_record(out, split, index), record)
-    return index
+    renderer.render(layout, path, seed=seed)
+    return record
 
 
 def _record(out: Path, split: str, index: int) -> Path:
@@ -217,15 +224,18 @@ def _eta(seconds: float) -> str:
 
 def generate_rendered(out, images: int, val_images: int, questions: int = 10, seed: int = 0,
                       size: tuple[int, int] = (240, 160), samples: int = 32, objects: tuple[int, int] = (3, 10),
-                      log=print, workers: int | None = None) -> dict:
+                      log=print, workers: int | None = None, ray_address: str | None = None) -> dict:
     """Render (or continue rendering) the dataset; returns {"train": (images, questions), "val": ...,
     "rendered": new images, "seconds": s}. Raises Interrupted on SIGINT/SIGTERM. Renders are not
     denoised (the denoiser is not bit-reproducible); at 128 x 85 and 32 samples they are as close
-    to a 256-sample render as 16 denoised samples, at the same cost on two cores."""
+    to a 256-sample render as 16 denoised samples, at the same cost on two cores.
+    ray_address: render on a Ray cluster instead of local processes ("" : the cluster in RAY_ADDRESS,
+    or a local one for this run; "auto", "HOST:PORT", "ray://HOST:10001": that cluster); the images
+    come back to this process, which writes them, so the nodes need no shared disk."""
     out = Path(out)
     settings = {"renderer": "blender", "size": list(size), "samples": samples, "seed": seed,
                 "objects": list(objects), "questions": questions}
-    if importlib.util.find_spec("bpy") is None:     # before anything is written into --out
+    if ray_address is None and importlib.util.find_spec("bpy") is None:   # before anything is written
         from .blender import INSTALL_HINT
         raise RuntimeError(INSTALL_HINT)
     _check_settings(out, settings)
@@ -244,7 +254,12 @@ def generate_rendered(out, images: int, val_images: int, questions: int = 10, se
             "renderer": "blender", "size": list(size), "samples": samples, "objects": list(objects),
             "questions_per_image": questions, "question_language": QUESTION_LANGUAGE}
     start = time.perf_counter()
-    stats: dict = {"rendered": _render_all(out, todo, settings, workers or os.cpu_count() or 1, log)}
+    if ray_address is not None:
+        from .ray_render import render_on_ray
+        rendered = render_on_ray(out, todo, settings, ray_address, log)
+    else:
+        rendered = _render_all(out, todo, settings, workers or os.cpu_count() or 1, log)
+    stats: dict = {"rendered": rendered}
     for split, n in (("train", images), ("val", val_images)):
         scenes = [json.loads(_record(out, split, i).read_text()) for i in range(n)]
         qs = _questions(scenes, settings, split)
