@@ -39,6 +39,8 @@ def _identity(image):
 
 @dataclass
 class Prediction:
+    """One answer with its probabilities and the routing path the question took."""
+
     answer: str
     probability: float
     top_k: list[tuple[str, float]]
@@ -86,15 +88,26 @@ class Model:
 
     # -- public API ----------------------------------------------------------------------------
     def answer(self, image, question: str) -> str:
+        """The answer string, e.g. "cyan", "3" or "yes".
+
+        Raises ImageError (unreadable, corrupt or too large image), QuestionError (empty, or longer
+        than the model's limit) and ValueError (arguments of the wrong type).
+        """
         return self.predict(image, question, top_k=1).answer
 
     def predict(self, image, question: str, top_k: int = 5) -> Prediction:
+        """The answer, its probability, the `top_k` most probable answers, the gates of every
+        modular layer (the routing path), the execution ratio per layer and overall, and the
+        question's words the model never saw (read as UNK)."""
         return self.predict_batch([image], [question], top_k)[0]
 
     def answer_batch(self, images, questions, batch_size: int = 16) -> list[str]:
+        """Answers for `images[i]` and `questions[i]`, run `batch_size` at a time (one image asked
+        several questions in a batch is decoded once)."""
         return [p.answer for p in self.predict_batch(images, questions, 1, batch_size)]
 
     def predict_batch(self, images, questions, top_k: int = 5, batch_size: int = 16) -> list[Prediction]:
+        """predict() for lists of images and questions of the same length, `batch_size` at a time."""
         if isinstance(questions, str):
             raise ValueError("questions must be a list of strings, one per image, not one str "
                              "(use predict() for a single question)")
