@@ -23,6 +23,7 @@ from qgmrn.preprocess import MEAN, STD
 from runtime.metadata import METADATA_FORMAT, METADATA_KEY, METADATA_VERSION
 from runtime.backends import OUTPUTS as OUTPUT_NAMES
 
+from .compact import CompactTestTimeModel
 from .graph import INPUT_NAMES, TestTimeModel
 
 # Opset 18: GroupNorm decomposes into InstanceNormalization pieces that TensorRT and onnxruntime
@@ -82,26 +83,37 @@ TRAINING_KEYS = ("preset", "epochs", "steps", "batch_size", "lr", "warmup_steps"
 
 
 def export_onnx(model: QGMRN, path: str | os.PathLike, metadata: dict, fp16: bool = False,
-                merge_groups: bool = True) -> Path:
+                merge_groups: bool = True, compact: bool = False, batch1: bool = False) -> Path:
     """Export the test-time graph (batch and question length dynamic) with metadata; checked.
 
     Uses the TorchScript-based exporter: torch.export specialises the question length to the
     example's (the GRU decomposition unrolls over time), and the dynamo exporter then either
     fails or silently freezes the dim. The TorchScript exporter keeps an ONNX GRU node
     (linear_before_reset=1, checked by the tests) over a dynamic length.
+    compact: the graph that skips the modules a question switched off (export/compact.py; float32);
+    batch1: its batch-1 form (the batch dimension fixed at 1).
     """
     path = Path(path)
-    wrapper = TestTimeModel(model, half_visual=fp16).eval()
+    if compact and fp16:
+        raise ValueError("the compact graph is float32")
+    if batch1 and not compact:
+        raise ValueError("batch1 is the compact graph's form")
+    wrapper = (CompactTestTimeModel(model, batch1) if compact else TestTimeModel(model, half_visual=fp16)).eval()
     dynamic = {"image": {0: "batch"}, "tokens": {0: "batch", 1: "seq_len"}, "lengths": {0: "batch"},
                **{name: {0: "batch"} for name in OUTPUT_NAMES}}
+    example = example_inputs(model.cfg)
+    if batch1:                                         # every shape fixed but the question's length
+        dynamic = {"tokens": {1: "seq_len"}}
+        example = tuple(t[:1] for t in example)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(wrapper, example_inputs(model.cfg), str(path), dynamo=False, opset_version=OPSET,
+        torch.onnx.export(wrapper, example, str(path), dynamo=False, opset_version=OPSET,
                           input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
                           dynamic_axes=dynamic, do_constant_folding=True)
     proto = onnx.load(str(path))
     mark_routing_nodes(proto)
-    if not fp16:                                       # the CPU graph; fp16 keeps the paper's groups
+    metadata = {**metadata, "execution": ("compact-batch1" if batch1 else "compact") if compact else "masked"}
+    if not fp16:                                       # the CPU graphs; fp16 keeps the paper's groups
         metadata = {**metadata, "merged_conv_groups": merge_conv_groups(proto) if merge_groups else 0}
     entry = proto.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(metadata)

@@ -1,0 +1,91 @@
+"""Compact routed execution (issue 40): the graph that skips switched-off modules answers as the
+masked graph does, with identical gates, at batch 1 (its batch-1 form) and batch 8 (the union of
+the batch's modules), on BRN and FRN, with a layer all off and a layer all on."""
+import numpy as np
+import pytest
+import torch
+
+from export.compact import CompactTestTimeModel
+from export.graph import TestTimeModel
+from export.onnx_export import export_onnx, read_metadata
+
+ort = pytest.importorskip("onnxruntime")
+
+
+def routed_model(preset: str, seed: int = 0):
+    """Random weights and BatchNorm statistics; routing that differs between questions, layer 0
+    switched off for every question and layer 1 on for every question."""
+    from qgmrn.model import create_model
+    torch.manual_seed(seed)
+    model = create_model(preset, vocab_size=60, num_answers=12)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_(1, 0.2)
+                m.bias.normal_(0, 0.2)
+        fc = model.router.fc
+        fc.weight.normal_(0, 0.5)
+        fc.bias.zero_()
+        sizes = model.cfg.layer_sizes
+        fc.weight[:sizes[0]] = 0
+        fc.bias[:sizes[0]] = -4.0                                  # layer 0: all off
+        fc.weight[sizes[0]:sizes[0] + sizes[1]] = 0
+        fc.bias[sizes[0]:sizes[0] + sizes[1]] = 4.0                # layer 1: all on
+    return model.eval()
+
+
+def inputs(model, batch: int, seed: int = 1):
+    rng = np.random.default_rng(seed)
+    size = model.cfg.image_size
+    lengths = rng.integers(3, 10, batch)
+    tokens = rng.integers(2, 60, (batch, 10))
+    for i, n in enumerate(lengths):
+        tokens[i, n:] = 0
+    return {"image": rng.standard_normal((batch, 3, size, size), dtype=np.float32),
+            "tokens": tokens.astype(np.int64), "lengths": lengths.astype(np.int64)}
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-frn"])
+def test_compact_graphs_answer_as_the_masked_graph(preset, tmp_path):
+    model = routed_model(preset)
+    masked = export_onnx(model, tmp_path / "masked.onnx", {})
+    general = export_onnx(model, tmp_path / "compact.onnx", {}, compact=True)
+    single = export_onnx(model, tmp_path / "compact1.onnx", {}, compact=True, batch1=True)
+    assert read_metadata(general)["execution"] == "compact" and read_metadata(single)["execution"] == "compact-batch1"
+    run = {k: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+           for k, p in (("masked", masked), ("general", general), ("single", single))}
+    for batch, graph in ((1, "single"), (1, "general"), (8, "general")):
+        feeds = inputs(model, batch)
+        want = run["masked"].run(None, feeds)
+        got = run[graph].run(None, feeds)
+        gates = want[1]
+        assert not gates[:, 0].any() and gates[:, 1, :model.cfg.layer_sizes[1]].all()
+        if batch == 8:                                   # questions differ in the other layers
+            assert any(not np.array_equal(gates[0, l], gates[i, l]) for i in range(8)
+                       for l in range(2, model.cfg.num_layers)) or model.cfg.num_layers == 2
+        np.testing.assert_array_equal(got[1], gates)
+        np.testing.assert_array_equal(got[0].argmax(1), want[0].argmax(1))
+        np.testing.assert_allclose(got[0], want[0], atol=1e-4, rtol=1e-4)
+    # the single-question graph, question by question, is the batch's answers
+    feeds = inputs(model, 8)
+    want = run["masked"].run(None, feeds)[0]
+    for i in range(8):
+        one = {k: v[i:i + 1] for k, v in feeds.items()}
+        np.testing.assert_allclose(run["single"].run(None, one)[0][0], want[i], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small-frn"])
+def test_compact_module_matches_the_masked_module_with_every_gate_pattern(preset):
+    model = routed_model(preset)
+    feeds = inputs(model, 4)
+    args = (torch.from_numpy(feeds["image"]), torch.from_numpy(feeds["tokens"]), torch.from_numpy(feeds["lengths"]))
+    with torch.no_grad():
+        want = TestTimeModel(model)(*args)
+        got = CompactTestTimeModel(model)(*args)
+        assert torch.equal(got[1], want[1])
+        assert torch.allclose(got[0], want[0], atol=1e-5)
+        for i in range(4):
+            one = CompactTestTimeModel(model, batch1=True)(*(a[i:i + 1] for a in args))
+            assert torch.allclose(one[0][0], want[0][i], atol=1e-5)
