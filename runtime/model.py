@@ -28,6 +28,9 @@ def _pool() -> ThreadPoolExecutor:
         return _POOL
 
 
+DECODE_AHEAD = 2          # batches whose images decode while the model runs the one in hand
+
+
 def _identity(image):
     """A key that is equal for the same image given twice in one batch."""
     if isinstance(image, (str, os.PathLike)):
@@ -120,10 +123,9 @@ class Model:
             raise ValueError(f"{len(images)} images but {len(questions)} questions")
         if not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or top_k < 1:
             raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
-        out: list[Prediction] = []
-        for i in range(0, len(images), batch_size):
-            out += self._predict_chunk(images[i:i + batch_size], questions[i:i + batch_size], top_k)
-        return out
+        if len(images) <= batch_size:
+            return self._predict_chunk(images, questions, top_k)
+        return self._predict_stream(images, questions, top_k, batch_size)
 
     # -- internals ------------------------------------------------------------------------------
     def _pixels(self, images) -> np.ndarray:
@@ -147,10 +149,56 @@ class Model:
             u8 = [one(im) for im in distinct]
         return normalize(np.stack([u8[k] for k in slot]))
 
+    def _predict_stream(self, images, questions, top_k: int, batch_size: int) -> list[Prediction]:
+        """Batches of one call, with each distinct image (the same path, bytes or object) decoded
+        once for the whole call, and decoding running ahead of the model on the image workers
+        (Pillow and onnxruntime both release the GIL): the batch in hand runs while the next
+        ones decode. The first bad image (in call order) raises, as batch by batch would."""
+        size = self.image_size
+        one = lambda im: resize_uint8(load_rgb(im), size)      # noqa: E731
+        index: dict = {}
+        slot, first, last_chunk = [], [], []                  # per position; per distinct image
+        for i, im in enumerate(images):
+            key = _identity(im)
+            if key not in index:
+                index[key] = len(first)
+                first.append(i)
+                last_chunk.append(i // batch_size)
+            slot.append(index[key])
+            last_chunk[index[key]] = i // batch_size
+        chunks = (len(images) + batch_size - 1) // batch_size
+        by_chunk: list[list[int]] = [[] for _ in range(chunks)]
+        for d, i in enumerate(first):
+            by_chunk[i // batch_size].append(d)
+        pending: dict = {}
+        out: list[Prediction] = []
+        submitted = 0
+        try:
+            for c in range(chunks):
+                while submitted < min(chunks, c + 1 + DECODE_AHEAD):    # keep the workers fed
+                    for d in by_chunk[submitted]:
+                        pending[d] = _pool().submit(one, images[first[d]])
+                    submitted += 1
+                rows = slot[c * batch_size:(c + 1) * batch_size]
+                u8 = {d: pending[d].result() for d in dict.fromkeys(rows)}
+                pixels = normalize(np.stack([u8[d] for d in rows]))
+                out += self._predict_pixels(pixels, questions[c * batch_size:(c + 1) * batch_size], top_k)
+                for d in u8:                                    # free what no later batch reads
+                    if last_chunk[d] == c:
+                        del pending[d]
+        finally:
+            for f in pending.values():
+                f.cancel()
+        return out
+
     def _predict_chunk(self, images, questions, top_k) -> list[Prediction]:
+        return self._predict_pixels(None, questions, top_k, images)
+
+    def _predict_pixels(self, pixels, questions, top_k, images=None) -> list[Prediction]:
         # encode_batch refuses non-strings, questions without a word and too-long questions
         tokens, lengths, unknown = encode_batch(self.vocab, questions, self.max_question_len)
-        pixels = self._pixels(images)
+        if pixels is None:
+            pixels = self._pixels(images)
         out = self._runner.run({"image": pixels, "tokens": tokens, "lengths": lengths})
         if not all(np.isfinite(out[k]).all() for k in ("logits", "route_logits")):
             raise ModelError(f"{self.path} produced non-finite outputs (NaN or infinity): its weights are "

@@ -182,3 +182,23 @@ def test_cli_answers_and_prints_json(bundle, real_sample):
     r = subprocess.run([sys.executable, "-m", "runtime", image, "", "--model", str(bundle)],
                        capture_output=True, text=True, env=env)
     assert r.returncode == 2 and "question is empty" in r.stderr
+
+
+def test_a_call_decodes_each_image_once_and_answers_as_one_question_at_a_time(model, real_sample, monkeypatch):
+    import runtime.model as rm
+    samples = load_clevr(real_sample, "val")[:40]                   # 4 images, 10 questions each
+    images = [s.image for s in samples]
+    questions = [s.question for s in samples]
+    singly = [model.predict(im, q) for im, q in zip(images, questions)]
+    decoded = []
+    real = rm.load_rgb
+    monkeypatch.setattr(rm, "load_rgb", lambda im: decoded.append(im) or real(im))
+    batched = model.predict_batch(images, questions, batch_size=3)  # questions of one image straddle batches
+    assert sorted(decoded) == sorted(set(images))                   # each distinct image decoded once
+    assert [p.answer for p in batched] == [p.answer for p in singly]
+    assert [p.gates for p in batched] == [p.gates for p in singly]
+    np.testing.assert_allclose([p.probability for p in batched], [p.probability for p in singly], rtol=1e-5)
+    # a bad image in a later batch is that image's error, in call order
+    broken = images[:7] + [b"not an image"] + images[8:]
+    with pytest.raises(runtime.ImageError, match="cannot decode image bytes"):
+        model.predict_batch(broken, questions, batch_size=3)
