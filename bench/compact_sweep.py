@@ -63,6 +63,40 @@ def session(path: Path, backend: str):
     return lambda feeds: [v for v in request.infer(feeds).values()]
 
 
+def profile(a) -> int:
+    """Kernel microseconds per call by operator type, masked vs compact (batch-1 form), onnxruntime."""
+    import collections
+    import onnxruntime as ort
+    from export.onnx_export import export_onnx
+    print(f"CPU: {cpu_model()}; onnxruntime profiler, batch 1, mean over {a.repeats} calls")
+    with tempfile.TemporaryDirectory() as tmp:
+        for preset in a.presets:
+            for ratio in a.ratios:
+                model = forced_model(preset, ratio)
+                size = model.cfg.image_size
+                feeds = {"image": np.zeros((1, 3, size, size), np.float32),
+                         "tokens": np.full((1, 12), 2, np.int64), "lengths": np.array([12], np.int64)}
+                for kind in ("masked", "compact1"):
+                    path = export_onnx(model, Path(tmp) / f"{kind}.onnx", {}, compact=kind != "masked",
+                                       batch1=kind == "compact1")
+                    so = ort.SessionOptions()
+                    so.enable_profiling, so.profile_file_prefix = True, str(Path(tmp) / kind)
+                    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+                    for _ in range(a.warmup + a.repeats):
+                        sess.run(None, feeds)
+                    events = json.loads(Path(sess.end_profiling()).read_text())
+                    per_op, nodes = collections.Counter(), collections.Counter()
+                    for e in events:
+                        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+                            per_op[e["args"]["op_name"]] += e["dur"]
+                            nodes[e["args"]["op_name"]] += 1
+                    calls = a.warmup + a.repeats
+                    top = ", ".join(f"{op} {us / calls:.0f} ({nodes[op] // calls})" for op, us in per_op.most_common(8))
+                    print(f"{preset} ratio {ratio:.2f} {kind}: {sum(per_op.values()) / calls:.0f} us in "
+                          f"{sum(nodes.values()) // calls} nodes; by op (us, nodes): {top}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", nargs="+", default=["brn-c32", "small", "small-frn"])
@@ -73,7 +107,11 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
+    ap.add_argument("--profile", action="store_true",
+                    help="instead: onnxruntime's per-operator kernel time for both graphs, batch 1, at each ratio")
     a = ap.parse_args(argv)
+    if a.profile:
+        return profile(a)
     from export.onnx_export import export_onnx
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
