@@ -75,7 +75,9 @@ def test_metadata_round_trip(exported, real_sample):
     ckpt, staged = exported
     meta = read_metadata(staged.stage / "model.onnx")
     state = load_checkpoint(ckpt)
-    written = {k: v for k, v in meta.items() if k != "merged_conv_groups"}     # added by the export
+    added = ("merged_conv_groups", "execution")                                  # added by the export
+    written = {k: v for k, v in meta.items() if k not in added}
+    assert meta["execution"] == "masked"                                        # the default export
     assert written == json.loads(json.dumps(build_metadata(state, meta["checkpoint_sha256"], "fp32")))
     assert meta["vocab"] == state["vocab"] and meta["answers"] == state["answers"]
     assert meta["layer_sizes"] == list(staged.model.cfg.layer_sizes) and meta["opset"] == 18

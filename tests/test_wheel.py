@@ -31,8 +31,10 @@ def _free_port() -> int:
 def dist(tmp_path_factory) -> Path:
     pytest.importorskip("build", reason="the build package is not installed (pip install -e '.[dev]')")
     out = tmp_path_factory.mktemp("dist")
-    done = subprocess.run([sys.executable, "-m", "build", "--sdist", "--wheel", "--no-isolation", "--outdir", str(out),
-                           str(REPO)], capture_output=True, text=True, timeout=600)
+    # no --sdist/--wheel: the wheel is built from the unpacked sdist, as pip builds from PyPI, so a
+    # file missing from the sdist fails here, and the checkout gets no build/ folder of stale copies
+    done = subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(REPO)],
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return out
 

@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=None, help="Blender samples per pixel (default 32)")
     ap.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                     help="Blender: render on a Ray cluster (ADDRESS: 'auto', HOST:PORT or ray://HOST:10001; "
-                         "alone: the cluster in RAY_ADDRESS, else a local one); the same dataset byte for byte")
+                         "alone: the cluster in RAY_ADDRESS, else a local one); the same dataset as one machine")
     a = ap.parse_args(argv)
     if a.images < 1 or a.questions < 1:
         ap.error("--images and --questions must be positive")

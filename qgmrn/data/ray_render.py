@@ -4,8 +4,8 @@ blender --ray [ADDRESS]`).
 One Ray task renders one image: it samples the image's scene from the image's own seeded RNG,
 renders it with one Cycles thread into the worker's temporary folder, and returns the PNG's bytes
 and the scene record. This process writes both into --out as the local path does (PNG renamed into
-place, then the record), so the dataset is byte for byte the one a single machine makes with the
-same seed, the nodes need no shared disk, and the resumability is the local path's: a rerun skips
+place, then the record), so the dataset is the one a single machine makes with the same seed
+(records byte for byte; pixels but for Cycles' rare one-level wobble), the nodes need no shared disk, and the resumability is the local path's: a rerun skips
 every finished image. A task whose worker or node dies is run again by Ray (max_retries); Ctrl-C or
 SIGTERM stops handing out images, keeps those that come back, and exits non-zero.
 
@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from ..files import atomic_file
+from .render_jobs import Interrupted, _StopFlag, _eta, _image, _record, render_scene
 from .sources import write_json_atomic
 
 TASK_RETRIES = 5          # a task whose worker process or node died is run again, up to this often
@@ -29,7 +30,6 @@ _RENDERERS: dict = {}     # in each Ray worker process: one Blender scene per (s
 def _render_remote(split: str, index: int, settings: dict) -> tuple[str, int, bytes, dict]:
     """Runs in a Ray worker: (split, index, PNG bytes, scene record)."""
     from .blender import BlenderRenderer
-    from .rendered import render_scene
     key = (tuple(settings["size"]), settings["samples"])
     if key not in _RENDERERS:
         _RENDERERS[key] = BlenderRenderer(key[0][0], key[0][1], key[1], denoise=False, threads=1)
@@ -48,7 +48,6 @@ def render_on_ray(out: Path, todo: list, settings: dict, address: str, log) -> i
         import ray
     except ImportError as e:
         raise RuntimeError("--ray needs Ray: pip install 'qgmrn[ray]' (on every node: 'qgmrn[render,ray]')") from e
-    from .rendered import Interrupted, _StopFlag, _eta, _image, _record
     started = not ray.is_initialized()
     if started:
         try:
