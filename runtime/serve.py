@@ -23,6 +23,7 @@ import os
 import socket
 import sys
 import time
+from pathlib import Path
 
 from .errors import ModelError
 
@@ -82,6 +83,47 @@ def bind(host: str, port: int) -> socket.socket:
                          "choose another --port)") from None
     sock.set_inheritable(True)
     return sock
+
+
+def listeners(host: str, port: int) -> int | None:
+    """How many sockets listen on host:port (or on the wildcard address at that port), from
+    /proc/net/tcp and tcp6; None where the kernel does not say (not Linux)."""
+    try:
+        wanted = {ipaddress.ip_address(info[4][0]) for info in
+                  socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)}
+    except (socket.gaierror, ValueError):
+        return None
+    count, seen = 0, False
+    for table, size in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 16)):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        seen = True
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 4 or fields[3] != "0A":                     # 0A: LISTEN
+                continue
+            address, _, hex_port = fields[1].partition(":")
+            if int(hex_port, 16) != port:
+                continue
+            raw = bytes.fromhex(address)                                  # 32-bit words, host order
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, size, 4)) if sys.byteorder == "little" else raw
+            ip = ipaddress.ip_address(raw)
+            if getattr(ip, "ipv4_mapped", None):
+                ip = ip.ipv4_mapped
+            if ip in wanted or ip.is_unspecified:
+                count += 1
+    return count if seen else None
+
+
+def check_sole_listener(host: str, port: int) -> None:
+    """Ray's proxy binds with port sharing: a program that bound the port with sharing too between
+    our check and the proxy's start would take some of the requests. Refuse such a start."""
+    n = listeners(host, port)
+    if n is not None and n > 1:
+        raise SystemExit(f"error: another program listens on {host}:{port} beside Ray's proxy and would take "
+                         "some of the requests; stop it or choose another --port")
 
 
 def check_address(address: str, seconds: float = 5.0) -> None:
@@ -207,6 +249,7 @@ def serve_ray(a, model, stop: Stop) -> None:
         serve.run(build_app({"model": a.model, "replicas": a.replicas, "max_batch": a.max_batch,
                              "batch_wait_ms": a.batch_wait_ms, "demo": not a.no_demo}), name="qgmrn", route_prefix="/")
         stop.install()
+        check_sole_listener(a.host, a.port)     # the proxy now listens: it must be alone on the port
         if not stop:
             print(f"serving {a.model} on http://{a.host}:{a.port} (Ray engine, {a.replicas} replica(s), batches of "
                   f"up to {a.max_batch}, {a.batch_wait_ms:g} ms wait); Ctrl-C stops", flush=True)

@@ -346,3 +346,65 @@ def test_m4_bytes_buffered_across_requests_are_capped():
         await asyncio.gather(*tasks)
         assert sorted(statuses) == [200, 200, 503] and guard.buffered == 0
     asyncio.run(main())
+
+
+def test_m10_listeners_counts_the_sockets_sharing_a_port():
+    import socket
+    from runtime.serve import listeners
+    if listeners("127.0.0.1", 1) is None:
+        pytest.skip("the kernel does not list its sockets in /proc/net/tcp (not Linux)")
+    first = socket.socket()
+    first.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    first.bind(("127.0.0.1", 0))
+    first.listen()
+    port = first.getsockname()[1]
+    try:
+        assert listeners("127.0.0.1", port) == 1
+        with socket.socket() as second:
+            second.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            second.bind(("127.0.0.1", port))
+            second.listen()
+            assert listeners("127.0.0.1", port) == 2 and listeners("localhost", port) == 2
+        assert listeners("127.0.0.1", port) == 1
+    finally:
+        first.close()
+
+
+# A listener that takes the port with sharing in the seconds between the port check and Ray's proxy:
+# bind() is wrapped so that the moment the check lets its socket go, the intruder binds.
+INTRUDER = """
+import socket, sys
+import runtime.serve as s
+real_bind, keep = s.bind, []
+class Checked:
+    def __init__(self, sock, host, port): self.sock, self.host, self.port = sock, host, port
+    def close(self):
+        self.sock.close()
+        intruder = socket.socket()
+        intruder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        intruder.bind((self.host, self.port)); intruder.listen(); keep.append(intruder)
+s.bind = lambda host, port: Checked(real_bind(host, port), host, port)
+sys.exit(s.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_m10_a_ray_start_that_shares_its_port_with_another_listener_is_refused():
+    import subprocess
+    from serving import ENV, HAVE, WHY, free_port
+    if not HAVE["ray"]:
+        pytest.skip(WHY["ray"])
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", INTRUDER, "--engine", "ray", "--port", str(port), "--no-demo"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        out, errs = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:                    # it started serving beside the intruder
+        proc.terminate()
+        out, errs = proc.communicate(timeout=60)
+        pytest.fail(f"the server started on a shared port: {out[-300:]}")
+    err = [line for line in errs.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2, errs[-2000:]
+    assert err == [f"error: another program listens on 127.0.0.1:{port} beside Ray's proxy and would take some "
+                   "of the requests; stop it or choose another --port"], errs[-2000:]
+    assert "serving" not in out
