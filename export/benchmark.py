@@ -45,7 +45,8 @@ def worker(spec: dict) -> dict:
     questions = spec["questions"]
     answer, backend = _torch_answerer(spec) if spec["kind"] == "pytorch" else _runtime_answerer(spec)
     answer(images[:1], questions[:1])
-    out = {"kind": spec["kind"], "backend": backend, "cold_start_s": time.perf_counter() - t0}
+    backend, execution = backend if isinstance(backend, tuple) else (backend, "masked")
+    out = {"kind": spec["kind"], "backend": backend, "execution": execution, "cold_start_s": time.perf_counter() - t0}
     for batch in (1, 8):
         ims = [images[i % len(images)] for i in range(batch)]
         qs = [questions[i % len(questions)] for i in range(batch)]
@@ -88,7 +89,7 @@ def _runtime_answerer(spec: dict):
     else:
         from runtime.backends import runner_for
         model = runtime.Model(spec["file"], _runner=runner_for(spec["engine"], spec["precision"], Path(spec["file"])))
-    return (lambda ims, qs: model.answer_batch(ims, qs)), model.backend
+    return (lambda ims, qs: model.answer_batch(ims, qs)), (model.backend, model.execution)
 
 
 def _time(spec: dict) -> dict | None:
@@ -166,7 +167,7 @@ def _pct(x) -> str:
 
 def table(rows: dict, timed: dict, base_key: str) -> str:
     base = timed.get(base_key)
-    head = (f"| row | backend | file | MB | accuracy % | top-1 vs PyTorch % | gates outside band | parity | b1 ms | "
+    head = (f"| row | backend, execution | file | MB | accuracy % | top-1 vs PyTorch % | gates outside band | parity | b1 ms | "
             f"b1 vs {base_key} | b8 ms | b8 vs {base_key} | answers/s (b8) | cold start s | peak RSS MiB |")
     lines = [head, "|---" * 15 + "|"]
     for key in [*[k for k in ("pytorch",) if k in timed], *rows, "auto"]:
@@ -177,7 +178,8 @@ def table(rows: dict, timed: dict, base_key: str) -> str:
         verdict = {True: "pass", False: "FAIL", None: "-"}[r.get("passed")] if key in rows else "-"
         if key in rows and r.get("published") is False:
             verdict += " (left out)"
-        cells = [key, t["backend"] if t else r.get("backend", "-"), r.get("file", "-"), size, _pct(r.get("accuracy")),
+        backend = f"{t['backend']}, {t.get('execution', 'masked')}" if t else r.get("backend", "-")
+        cells = [key, backend, r.get("file", "-"), size, _pct(r.get("accuracy")),
                  _pct(r.get("top1_agreement")), gates, verdict]
         if t:
             ratio = (lambda k: f"{t[k] / base[k]:.2f}x") if base else (lambda k: "-")

@@ -40,6 +40,9 @@ def _identity(image):
     return ("object", id(image))
 
 
+EXECUTIONS = ("masked", "compact", "compact-batch1")    # export.onnx_export's metadata["execution"]
+
+
 @dataclass
 class Prediction:
     """One answer with its probabilities and the routing path the question took."""
@@ -51,12 +54,15 @@ class Prediction:
     execution_ratio: list[float]           # per layer: executed modules / modules
     overall_execution_ratio: float
     unknown_words: list[str] = field(default_factory=list)   # words the model never saw (read as UNK)
+    # how the graph ran the routing: "masked" (every module computed, the switched-off ones
+    # multiplied by zero: no time saved) or "compact"/"compact-batch1" (switched-off modules skipped)
+    execution: str = "masked"
 
     def to_dict(self) -> dict:
         return {"answer": self.answer, "probability": self.probability,
                 "top_k": [{"answer": a, "probability": p} for a, p in self.top_k],
                 "routing": {"gates": self.gates, "execution_ratio": self.execution_ratio,
-                            "overall_execution_ratio": self.overall_execution_ratio},
+                            "overall_execution_ratio": self.overall_execution_ratio, "execution": self.execution},
                 "unknown_words": self.unknown_words}
 
 
@@ -82,6 +88,11 @@ class Model:
         self.image_size = int(meta["image_size"])
         self.max_question_len = int(meta["max_question_len"])
         self.layer_sizes = [int(m) for m in meta["layer_sizes"]]
+        # exports before compact execution existed carry no "execution": they are masked graphs
+        self.execution = meta.get("execution", "masked")
+        if self.execution not in EXECUTIONS:
+            raise ModelError(f"{self.path}: its metadata names an execution {str(self.execution)[:40]!r} this "
+                             f"runtime does not know ({', '.join(EXECUTIONS)}); upgrade qgmrn")
         if not (np.allclose(meta["mean"], MEAN) and np.allclose(meta["std"], STD)):
             raise ModelError(f"{self.path} was exported with image normalisation {meta['mean']}/{meta['std']}, "
                              f"which this runtime ({MEAN}/{STD}) does not apply; upgrade qgmrn")
@@ -217,5 +228,5 @@ class Model:
                 top_k=[(self.answers[int(j)], float(probs[row, j])) for j in order],
                 gates=gates, execution_ratio=ratio,
                 overall_execution_ratio=sum(map(sum, gates)) / sum(self.layer_sizes),
-                unknown_words=unknown[row]))
+                unknown_words=unknown[row], execution=self.execution))
         return preds

@@ -89,3 +89,40 @@ def test_compact_module_matches_the_masked_module_with_every_gate_pattern(preset
         for i in range(4):
             one = CompactTestTimeModel(model, batch1=True)(*(a[i:i + 1] for a in args))
             assert torch.allclose(one[0][0], want[0][i], atol=1e-5)
+
+
+def test_the_runtime_says_which_execution_ran_and_the_demo_what_it_saved(tiny_checkpoint, real_sample, tmp_path):
+    """Issue 40 part 3: predict() names the execution path (masked / compact) of the graph that
+    answered; a compact export answers through the runtime as the masked one does."""
+    import runtime
+    from qgmrn.checkpoint import load_checkpoint, model_from_checkpoint
+    from export.onnx_export import build_metadata
+    from runtime.demo import skipped_line
+    state = load_checkpoint(tiny_checkpoint)
+    model = model_from_checkpoint(state).eval()
+    meta = build_metadata(state, "0" * 64, "fp32")
+    files = {"masked": export_onnx(model, tmp_path / "masked.onnx", meta),
+             "compact": export_onnx(model, tmp_path / "compact.onnx", meta, compact=True)}
+    loaded = {k: runtime.Model(p, backend="onnxruntime") for k, p in files.items()}
+    images = sorted((real_sample / "images" / "val").glob("*.png"))[:3]
+    questions = ["How many cubes are there?", "Is there a red sphere?", "What size is the cylinder?"]
+    preds = {k: m.predict_batch([str(p) for p in images], questions) for k, m in loaded.items()}
+    for masked, compact in zip(preds["masked"], preds["compact"]):
+        assert (masked.execution, compact.execution) == ("masked", "compact")
+        assert masked.answer == compact.answer and masked.gates == compact.gates
+        assert masked.to_dict()["routing"]["execution"] == "masked"
+    pred, modules = preds["masked"][0], sum(loaded["masked"].layer_sizes)
+    off = modules - sum(map(sum, pred.gates))
+    assert f"switched off {off} of {modules} modules" in skipped_line(pred, modules)
+    assert "no time is saved" in skipped_line(pred, modules)
+    assert "skips them (compact execution)" in skipped_line(preds["compact"][0], modules)
+
+
+def test_an_execution_the_runtime_does_not_know_is_refused(tiny_bundle, tmp_path):
+    import runtime
+    from conftest import with_metadata
+    bad = with_metadata(tiny_bundle / "model.onnx", tmp_path / "bad.onnx", lambda m: m.update(execution="sparse-v9"))
+    with pytest.raises(runtime.ModelError, match="execution 'sparse-v9'"):
+        runtime.Model(bad, backend="onnxruntime")
+    legacy = with_metadata(tiny_bundle / "model.onnx", tmp_path / "old.onnx", lambda m: m.pop("execution", None))
+    assert runtime.Model(legacy, backend="onnxruntime").execution == "masked"     # exports made before it

@@ -62,6 +62,16 @@ def card_line(model) -> str:
     return f"Model {name}, trained {meta.get('train_steps', '?')} steps (recipe: {meta.get('recipe') or 'none'})."
 
 
+def skipped_line(pred, modules: int) -> str:
+    """How much of the network the question switched off, and what that saved in this graph."""
+    off = modules - sum(map(sum, pred.gates))
+    line = f"the question switched off {off} of {modules} modules ({100 * off / modules:.0f}%)"
+    if pred.execution == "masked":
+        return line + ("; this graph still computes them and multiplies them by zero (masked execution), "
+                       "so no time is saved")
+    return line + f"; this graph skips them ({pred.execution} execution)"
+
+
 def answer_page(model, image, question: str):
     """The page's answer to one submit: (answer, top-5, routing picture, details); a bad input is
     a gr.Error with one message (shown in the page; the app keeps serving)."""
@@ -85,7 +95,7 @@ def answer_page(model, image, question: str):
     known = ("every word of the question is in the model's vocabulary" if not pred.unknown_words else
              "words the model never saw (read as unknown): " + ", ".join(pred.unknown_words))
     why = f" — {model.backend_reason}" if model.backend_reason else ""
-    details = (f"- {known}\n- executed {100 * pred.overall_execution_ratio:.0f}% of the modules\n"
+    details = (f"- {known}\n- {skipped_line(pred, sum(model.layer_sizes))}\n"
                f"- answered by {model.backend}{why}\n- {card_line(model)}")
     return (pred.answer, {a: p for a, p in pred.top_k},
             picture_html(routing_picture(pred.gates, str(model.metadata.get("arch", "")))), details)
