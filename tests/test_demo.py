@@ -101,11 +101,12 @@ def test_the_page_answers_a_real_image_as_runtime_answer_and_survives_a_non_imag
     if SCREENSHOT and engine == "local":
         shutil.copy(tmp_path / "demo.png", SCREENSHOT)
 
-    # a file that is not an image: one message in the page, no stack trace
+    # a file that is not an image: refused at upload (the page keeps images only), one message in
+    # the page, no stack trace
     browser.get(url + "/")
     fake = tmp_path / "notes.png"
     fake.write_bytes(b"these are not pixels")
-    _ask(browser, fake, QUESTION, lambda d: "not an image format" in d.page_source)
+    _ask(browser, fake, QUESTION, lambda d: "the page takes images only" in d.page_source)
     assert "Traceback" not in browser.page_source
 
     # and the next good request still answers

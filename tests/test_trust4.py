@@ -74,6 +74,62 @@ def test_m7_the_page_has_one_named_endpoint_no_openapi_and_the_apis_wording(demo
     assert "data:image/png;base64," in picture and "/tmp" not in picture    # no server path, no server file
 
 
+def _upload(client, name: str, data: bytes, kind: str = "image/png"):
+    return client.post("/gradio_api/upload", files={"files": (name, data, kind)})
+
+
+def _kept(root) -> list:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+@needs_demo
+def test_m5_the_page_keeps_only_images_names_no_server_path_and_bounds_what_it_keeps(demo_client, real_sample,
+                                                                                   monkeypatch):
+    """M5: /gradio_api/upload stored any file up to 20 MB, kept everything, and answered with absolute
+    server paths. Now: images only (by content), a bound on what all uploads keep, no server path;
+    the page (queue, preview) and gradio_client (/gradio_api/call) still work with what it gives."""
+    from runtime.demo import uploads
+    root = uploads.upload_folder()
+    before = _kept(root)
+    for name, data in (("notes.txt", b"hello, server"), ("evil.png", b"MZ\x90\x00" + bytes(5000)),
+                       ("x.html", b"<script>alert(1)</script>")):
+        r = _upload(demo_client, name, data)
+        assert r.status_code == 415 and r.text.startswith("the page takes images only"), r.text
+    assert _kept(root) == before                               # nothing of them stays
+    image = sorted((real_sample / "images" / "val").glob("*.png"))[0]
+    r = _upload(demo_client, image.name, image.read_bytes())
+    assert r.status_code == 200
+    (token,) = r.json()
+    assert token.startswith("upload/") and str(root) not in r.text and not token.startswith("/")
+    preview = demo_client.get(f"/gradio_api/file={token}")
+    assert preview.status_code == 200 and preview.content == image.read_bytes()
+    assert demo_client.get("/gradio_api/file=upload/../../../etc/passwd").status_code == 404
+    event, data = _call(demo_client, "answer", [{"path": token, "meta": {"_type": "gradio.FileData"}}, QUESTION])
+    import runtime
+    assert event == "complete" and json.loads(data)[0] == runtime.answer(str(image), QUESTION)
+    event, data = _call(demo_client, "answer", [{"path": "upload/../../../etc/passwd",
+                                                 "meta": {"_type": "gradio.FileData"}}, QUESTION])
+    assert event == "error" and "uploaded" in data
+    # what all uploads keep together is bounded: past it a new upload is refused and not kept
+    kept = _kept(root)
+    monkeypatch.setattr(uploads, "MAX_KEPT", 0)
+    guard = _guard(demo_client.app)
+    monkeypatch.setattr(guard, "max_kept", sum(p.stat().st_size for p in kept))
+    r = _upload(demo_client, "another.png", image.read_bytes())
+    assert r.status_code == 503 and "keeps at most" in r.text
+    assert _kept(root) == kept
+
+
+def _guard(app):
+    """The UploadGuard instance in the app's middleware stack."""
+    from runtime.demo.uploads import UploadGuard
+    node = app.middleware_stack
+    while node is not None and not isinstance(node, UploadGuard):
+        node = getattr(node, "app", None)
+    assert node is not None, "no UploadGuard around the page"
+    return node
+
+
 def test_d3_resume_never_replaces_another_run_in_its_out_folder(tiny_data, tmp_path):
     from conftest import tiny_train_config
     from qgmrn.settings import SettingsError

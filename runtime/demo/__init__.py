@@ -178,4 +178,9 @@ def mount_demo(app, model) -> bool:
     # Gradio checks that a request's files were uploaded to the page only once the page "has
     # launched", which mounting never sets: without this, a client could name any server file.
     page.has_launched = True
+    # Inside the body limits (the innermost middleware): uploads must be images, bounded in what
+    # they keep together, and are named without server paths (runtime/demo/uploads.py)
+    from starlette.middleware import Middleware
+    from .uploads import UploadGuard
+    app.user_middleware.append(Middleware(UploadGuard))
     return True

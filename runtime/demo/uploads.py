@@ -1,0 +1,171 @@
+"""What the demo page accepts and keeps (issue 41 M5): Gradio's /gradio_api/upload stores any file a
+client posts and answers with its absolute server path. UploadGuard, ASGI middleware around the
+serving app:
+
+- keeps only images (recognised by content, the runtime's formats): anything else is removed at
+  once and answered 415;
+- bounds what all uploads keep together (MAX_KEPT; Gradio's cache sweep removes each after ten
+  minutes and at shutdown): past it, the new upload is removed and answered 503;
+- shows no server path: a reply names an upload as `upload/HASH/NAME`, and the requests that hand
+  it back (the page's calls, the preview at /gradio_api/file=) are rewritten to the real path on
+  the way in, so the page and gradio_client work unchanged.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+MAX_KEPT = 256 * 2**20           # bytes all uploads may keep at once
+TOKEN = "upload/"                # what a client sees instead of the upload folder's path
+UPLOAD = "/gradio_api/upload"
+CALLS = ("/gradio_api/queue/join", "/gradio_api/call/", "/gradio_api/run/")
+FILE_ROUTE = "/gradio_api/file="
+MAX_CALL_BODY = 1 * 2**20        # a call names files; it carries no file bytes
+
+
+def upload_folder() -> Path:
+    from gradio.utils import get_upload_folder
+    return Path(os.path.realpath(get_upload_folder()))
+
+
+def _files(root: Path) -> list[Path]:
+    return [Path(dirpath, name) for dirpath, _, names in os.walk(root) for name in names]
+
+
+def _folder_bytes(root: Path) -> int:
+    total = 0
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _is_image(path: Path) -> bool:
+    """Recognised by content as one of the formats the runtime decodes (a header check; the
+    runtime decodes it fully when a question comes)."""
+    from PIL import Image
+    from qgmrn.preprocess import FORMATS
+    try:
+        if not path.is_file() or path.is_symlink():
+            return False
+        with Image.open(path, formats=FORMATS):
+            return True
+    except Exception:                            # anything Pillow refuses or half-reads
+        return False
+
+
+def _remove(paths: list[Path], root: Path) -> None:
+    for p in paths:
+        p.unlink(missing_ok=True)
+        parent = p.parent
+        if parent != root and parent.parent == root:     # Gradio's per-content HASH folder, once empty
+            try:
+                parent.rmdir()
+            except OSError:
+                pass
+
+
+async def _reply(send, status: int, body) -> None:
+    # Gradio's upload route answers its errors in plain text, and the page shows that text
+    data, kind = (body["error"].encode(), b"text/plain; charset=utf-8") if isinstance(body, dict) and status >= 400 \
+        else (json.dumps(body).encode(), b"application/json")
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", kind), (b"content-length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data})
+
+
+class UploadGuard:
+    def __init__(self, app, max_kept: int = MAX_KEPT):
+        self.app, self.max_kept = app, max_kept
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        if path.startswith(FILE_ROUTE + TOKEN):
+            root = upload_folder()
+            real = Path(os.path.realpath(root / path[len(FILE_ROUTE + TOKEN):]))
+            if not real.is_relative_to(root):
+                return await _reply(send, 404, {"error": "no such upload"})
+            route = FILE_ROUTE + str(real)
+            scope = {**scope, "path": route, "raw_path": route.encode()}
+            return await self.app(scope, receive, send)
+        if scope["method"] == "POST" and path == UPLOAD:
+            return await self._upload(scope, receive, send)
+        if scope["method"] == "POST" and any(path.startswith(c) for c in CALLS):
+            return await self._call(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+    async def _upload(self, scope, receive, send):
+        start: dict = {}
+        chunks: list[bytes] = []
+
+        async def capture(message):
+            if message["type"] == "http.response.start":
+                start.update(message)
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+
+        root = upload_folder()
+        # Gradio names an upload by its content's hash: an identical file kept earlier is the
+        # same path, and refusing this upload must not remove it
+        earlier = set(_files(root))
+        await self.app(scope, receive, capture)          # Gradio stores the files (and moves them)
+        body = b"".join(chunks)
+        if start.get("status") != 200:
+            await send(start)
+            await send({"type": "http.response.body", "body": body})
+            return
+        try:
+            names = json.loads(body)
+            stored = [Path(os.path.realpath(p)) for p in names]
+        except (ValueError, TypeError):
+            return await _reply(send, 500, {"error": "the upload could not be stored"})
+        inside = [p for p in stored if p.is_relative_to(root)]
+        new = [p for p in inside if p not in earlier]
+        if len(inside) != len(stored):
+            _remove(new, root)
+            return await _reply(send, 500, {"error": "the upload could not be stored"})
+        bad = [p for p in stored if not _is_image(p)]
+        if bad:
+            _remove(new, root)
+            from qgmrn.preprocess import FORMATS
+            return await _reply(send, 415, {"error": f"the page takes images only ({', '.join(FORMATS)}, "
+                                                          f"recognised by content): {bad[0].name[:80]} is not one"})
+        if _folder_bytes(root) > self.max_kept:
+            _remove(new, root)
+            return await _reply(send, 503, {"error": f"the page keeps at most {self.max_kept // 2**20} MB of "
+                                                          "uploads (each for ten minutes); retry shortly"})
+        await _reply(send, 200, [TOKEN + str(p.relative_to(root)) for p in stored])
+
+    async def _call(self, scope, receive, send):
+        """A call names its files by the token the upload gave; hand the app the real path."""
+        parts, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            parts.append(message.get("body", b""))
+            size += len(parts[-1])
+            if size > MAX_CALL_BODY:
+                return await _reply(send, 413, {"error": f"a call to the page is at most {MAX_CALL_BODY} "
+                                                              "bytes (upload images first)"})
+            if not message.get("more_body", False):
+                break
+        body = b"".join(parts).replace(b'"' + TOKEN.encode(), b'"' + str(upload_folder()).encode() + b"/")
+        headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
+        headers.append((b"content-length", str(len(body)).encode()))
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app({**scope, "headers": headers}, replay, send)
