@@ -12,6 +12,9 @@ one another and straddle batches), with the same model and backend, interleaved 
 - per-batch: answer_batch as it ran before issue 40 (each batch decodes its own images, then runs);
 - one-call: answer_batch today (each distinct image decoded once per call, decoding ahead of the
   model on the image workers).
+With --uint8, also the same model converted to take uint8 pixels (export/uint8_input.py: the
+graph normalises; the runtime hands it the decoded bytes): model and one-call on that graph, with
+the same --backend (give one: auto would pick another backend for a graph without parity rows).
 Prints questions/s for each and one-call against per-batch and against pillow, with the CPU.
 """
 from __future__ import annotations
@@ -45,7 +48,10 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--uint8", action="store_true", help="add rows for the uint8-input graph (needs --backend)")
     a = ap.parse_args(argv)
+    if a.uint8 and a.backend == "auto":
+        ap.error("--uint8 compares graphs on one backend: give --backend (onnxruntime, openvino, ...)")
     samples = load_clevr(a.data, "train") + load_clevr(a.data, "val")
     images = [str(s.image) for s in samples]
     questions = [s.question for s in samples]
@@ -75,9 +81,27 @@ def main(argv=None) -> int:
 
     assert per_batch() == one_call()                    # the same answers either way
     runs = {"pillow": pillow, "decode": decode, "model": model_only, "per-batch": per_batch, "one-call": one_call}
+    if a.uint8:
+        import tempfile
+        from export.uint8_input import convert
+        src = Path(str(model.path))
+        src = src if src.suffix == ".onnx" else src / "model.onnx"
+        u8_model = runtime.Model(convert(src, Path(tempfile.mkdtemp()) / "model-u8.onnx"), a.backend)
+        raw = [np.stack([decoded[p] for p in images[i:i + bs]]) for i in range(0, len(images), bs)]
+
+        def model_u8():
+            for c, px in enumerate(raw):
+                u8_model._predict_pixels(px, questions[c * bs:(c + 1) * bs], 1)
+
+        def one_call_u8():
+            return u8_model.answer_batch(images, questions, batch_size=bs)
+
+        assert one_call_u8() == one_call()              # the same answers from bytes in
+        runs.update({"model (uint8 graph)": model_u8, "one-call (uint8 graph)": one_call_u8})
     times: dict = {k: [] for k in runs}
     for _ in range(a.repeats):
         for k, f in runs.items():
+            time.sleep(0.2)          # the previous row's onnxruntime threads stop spinning first
             t0 = time.perf_counter()
             f()
             times[k].append(time.perf_counter() - t0)
@@ -91,6 +115,9 @@ def main(argv=None) -> int:
         print(f"| {k} | {rate[k]:.0f} | {statistics.median(times[k]):.3f} |")
     print(f"\none-call / per-batch: {rate['one-call'] / rate['per-batch']:.2f}x; "
           f"one-call / pillow (decoding each question's PNG): {rate['one-call'] / rate['pillow']:.2f}x")
+    if a.uint8:
+        print(f"uint8 graph / float graph: model {rate['model (uint8 graph)'] / rate['model']:.2f}x, "
+              f"one-call {rate['one-call (uint8 graph)'] / rate['one-call']:.2f}x")
     return 0
 
 

@@ -39,6 +39,8 @@ COMMANDS: dict[str, Command] = {
     "export": Command("export.to_trt", "checkpoint -> ONNX (+ TensorRT engine where TensorRT and a GPU exist), "
                                        "parity proven", TRAIN),
     "export-onnx": Command("export.to_onnx", "checkpoint -> ONNX bundle with parity rows, no TensorRT", TRAIN),
+    "export-uint8": Command("export.uint8_input", "ONNX graph -> one that takes uint8 pixels (bytes in)",
+                           (("onnx", "pip install 'qgmrn[train]'"),)),
     "benchmark": Command("export.benchmark", "latency of the exported model per backend beside PyTorch", TRAIN),
     "answer": Command("runtime", "answer a question about an image (torch-free runtime)"),
     "serve": Command("runtime.serve", "the HTTP API (and the demo page) on a local engine or Ray Serve",

@@ -77,9 +77,10 @@ def check_metadata_against_shapes(meta: dict, logits_shape, gates_shape, path, i
         raise ModelError(f"{path}: the graph scores {width} answers but its metadata lists {len(answers)}; "
                          "the file was altered or mis-exported")
     if image_shape is not None and len(image_shape) == 4:
-        fixed = [d for d in image_shape[2:] if isinstance(d, int)]
+        side = image_shape[1:3] if meta.get("image_input") == "uint8-nhwc" else image_shape[2:]
+        fixed = [d for d in side if isinstance(d, int)]
         if any(d != meta["image_size"] for d in fixed):
-            raise ModelError(f"{path}: the graph takes {image_shape[2]} x {image_shape[3]} images but its metadata "
+            raise ModelError(f"{path}: the graph takes {side[0]} x {side[1]} images but its metadata "
                              f"says image_size {meta['image_size']}")
     if len(gates_shape) != 3:
         raise ModelError(f"{path}: gates output has shape {gates_shape}, expected (batch, layers, modules)")

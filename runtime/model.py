@@ -41,6 +41,7 @@ def _identity(image):
 
 
 EXECUTIONS = ("masked", "compact", "compact-batch1")    # export.onnx_export's metadata["execution"]
+IMAGE_INPUTS = ("float-nchw", "uint8-nhwc")
 
 
 @dataclass
@@ -90,6 +91,12 @@ class Model:
         self.layer_sizes = [int(m) for m in meta["layer_sizes"]]
         # exports before compact execution existed carry no "execution": they are masked graphs
         self.execution = meta.get("execution", "masked")
+        # what the graph's image input takes: the normalised float tensor (every export before issue
+        # 40) or the decoded uint8 pixels, which it converts itself (export/uint8_input.py)
+        self.image_input = meta.get("image_input", "float-nchw")
+        if self.image_input not in IMAGE_INPUTS:
+            raise ModelError(f"{self.path}: its metadata names an image input {str(self.image_input)[:40]!r} this "
+                             f"runtime does not know ({', '.join(IMAGE_INPUTS)}); upgrade qgmrn")
         if self.execution not in EXECUTIONS:
             raise ModelError(f"{self.path}: its metadata names an execution {str(self.execution)[:40]!r} this "
                              f"runtime does not know ({', '.join(EXECUTIONS)}); upgrade qgmrn")
@@ -158,7 +165,11 @@ class Model:
             u8 = list(_pool().map(one, distinct))             # the first bad image's error, in order
         else:
             u8 = [one(im) for im in distinct]
-        return normalize(np.stack([u8[k] for k in slot]))
+        return self._feed(np.stack([u8[k] for k in slot]))
+
+    def _feed(self, u8: np.ndarray) -> np.ndarray:
+        """(N, S, S, 3) uint8 -> what the graph's image input takes."""
+        return u8 if self.image_input == "uint8-nhwc" else normalize(u8)
 
     def _predict_stream(self, images, questions, top_k: int, batch_size: int) -> list[Prediction]:
         """Batches of one call, with each distinct image (the same path, bytes or object) decoded
@@ -192,7 +203,7 @@ class Model:
                     submitted += 1
                 rows = slot[c * batch_size:(c + 1) * batch_size]
                 u8 = {d: pending[d].result() for d in dict.fromkeys(rows)}
-                pixels = normalize(np.stack([u8[d] for d in rows]))
+                pixels = self._feed(np.stack([u8[d] for d in rows]))
                 out += self._predict_pixels(pixels, questions[c * batch_size:(c + 1) * batch_size], top_k)
                 for d in u8:                                    # free what no later batch reads
                     if last_chunk[d] == c:

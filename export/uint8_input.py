@@ -1,0 +1,128 @@
+"""Bytes in (issue 40 part 2): a graph that takes the image as uint8 pixels, (batch, S, S, 3) at the
+model's size, and does the float conversion, the normalisation and the NCHW layout itself.
+
+    python -m export.uint8_input model.onnx model-u8.onnx [--check IMAGE ...]
+
+The new nodes compute (x - mean * 255) * (1 / (std * 255)) in float32, with the same float32
+constants as the runtime's lookup table (qgmrn.preprocess.normalize), so the graph sees bitwise the
+pixels the float graph saw from the runtime: answers, logits and gates are identical. The runtime
+reads the export's metadata ("image_input": "uint8-nhwc") and hands such a graph its decoded bytes;
+older graphs (no "image_input") keep taking the normalised float tensor. Resizing stays in the
+runtime (Pillow), before the graph.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+UINT8_NHWC = "uint8-nhwc"
+
+
+def normalisation_constants() -> tuple[np.ndarray, np.ndarray]:
+    """(mean * 255, 1 / (std * 255)) per channel, float32, computed as the runtime's table is."""
+    from qgmrn.preprocess import MEAN, STD
+    mean255 = np.array(MEAN, dtype=np.float32) * np.float32(255.0)
+    inv_std = np.float32(1.0) / (np.array(STD, dtype=np.float32) * np.float32(255.0))
+    return mean255.astype(np.float32), inv_std.astype(np.float32)
+
+
+def to_uint8_input(proto, metadata_key: str = "qgmrn"):
+    """The same ModelProto with its float NCHW `image` input replaced by uint8 NHWC pixels."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    graph = proto.graph
+    image = next((i for i in graph.input if i.name == "image"), None)
+    if image is None:
+        raise ValueError("the graph has no 'image' input")
+    if image.type.tensor_type.elem_type != TensorProto.FLOAT:
+        raise ValueError("the graph's image input is not float32 (already uint8?)")
+    dims = image.type.tensor_type.shape.dim
+    if len(dims) != 4 or dims[1].dim_value != 3:
+        raise ValueError("the graph's image input is not (batch, 3, S, S)")
+    size_h, size_w = dims[2].dim_value, dims[3].dim_value
+    batch = dims[0].dim_param or dims[0].dim_value
+    internal = "image_normalised"
+    for node in graph.node:                              # the old input becomes an inner tensor
+        node.input[:] = [internal if name == "image" else name for name in node.input]
+    mean255, inv_std = normalisation_constants()
+    graph.initializer.extend([numpy_helper.from_array(mean255.reshape(1, 3, 1, 1), "image_mean255"),
+                              numpy_helper.from_array(inv_std.reshape(1, 3, 1, 1), "image_inv_std255")])
+    # the layout first, on bytes (a quarter of the float tensor's), then the float arithmetic
+    head = [helper.make_node("Transpose", ["image"], ["image_nchw_u8"], perm=[0, 3, 1, 2], name="image/nchw"),
+            helper.make_node("Cast", ["image_nchw_u8"], ["image_f32"], to=TensorProto.FLOAT, name="image/cast"),
+            helper.make_node("Sub", ["image_f32", "image_mean255"], ["image_centred"], name="image/sub"),
+            helper.make_node("Mul", ["image_centred", "image_inv_std255"], [internal], name="image/mul")]
+    nodes = head + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    new_input = helper.make_tensor_value_info("image", TensorProto.UINT8, [batch, size_h, size_w, 3])
+    index = list(graph.input).index(image)
+    graph.input.remove(image)
+    graph.input.insert(index, new_input)
+    for entry in proto.metadata_props:
+        if entry.key == metadata_key:
+            meta = json.loads(entry.value)
+            meta["image_input"] = UINT8_NHWC
+            entry.value = json.dumps(meta)
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def convert(src: str | Path, dst: str | Path) -> Path:
+    import onnx
+    proto = onnx.load(str(src))
+    onnx.save_model(to_uint8_input(proto), str(dst))
+    return Path(dst)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m export.uint8_input", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("src", help="an exported float32 graph (.onnx)")
+    ap.add_argument("dst", help="where the uint8-input graph goes")
+    ap.add_argument("--check", nargs="*", default=[], metavar="IMAGE",
+                    help="images to prove it on: both graphs answer 'How many objects are there?' alike")
+    a = ap.parse_args(argv)
+    try:
+        import onnx
+    except ImportError:
+        print("error: converting needs the onnx package: pip install 'qgmrn[train]'", file=sys.stderr)
+        return 2
+    src, dst = Path(a.src), Path(a.dst)
+    if not src.is_file():
+        print(f"error: {src} is not a file", file=sys.stderr)
+        return 2
+    if dst.resolve() == src.resolve():
+        print("error: write the uint8 graph to another file than its source", file=sys.stderr)
+        return 2
+    try:
+        from qgmrn.files import atomic_file
+        proto = to_uint8_input(onnx.load(str(src)))
+        with atomic_file(dst, binary=True) as f:
+            f.write(proto.SerializeToString())
+    except (ValueError, OSError, onnx.checker.ValidationError) as e:
+        print(f"error: {src}: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    if a.check:
+        import runtime
+        before = runtime.Model(src, backend="onnxruntime")
+        after = runtime.Model(dst, backend="onnxruntime")
+        q = ["How many objects are there?"] * len(a.check)
+        p0, p1 = before.predict_batch(a.check, q), after.predict_batch(a.check, q)
+        same = all(x.answer == y.answer and x.gates == y.gates and x.probability == y.probability
+                   for x, y in zip(p0, p1))
+        if not same:
+            dst.unlink(missing_ok=True)
+            print("error: the uint8 graph does not answer as its source; nothing was written", file=sys.stderr)
+            return 1
+        print(f"checked on {len(a.check)} images: identical answers, probabilities and gates")
+    print(f"wrote {dst} (image input: uint8, (batch, S, S, 3))")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
