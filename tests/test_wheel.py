@@ -45,12 +45,16 @@ def env(dist, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("venv") / "v"
     venv.create(root, with_pip=True, clear=True)
     wheel = next(dist.glob("qgmrn-*.whl"))
+    # outside the checkout and without PYTHONPATH: pip must not find the checkout's egg-info (the
+    # sdist build leaves one) and call the wheel "already satisfied"
     done = subprocess.run([str(root / "bin" / "python"), "-m", "pip", "install", "-q",
                            "--disable-pip-version-check", f"{wheel}[serve]"],
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=900, cwd=root.parent,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     if done.returncode and "Could not find a version" in done.stderr + done.stdout:
         pytest.skip(f"the package registry is not reachable: {done.stderr.strip().splitlines()[-1]}")
     assert done.returncode == 0, done.stderr[-3000:]
+    assert list(root.glob("lib/python*/site-packages/qgmrn-*.dist-info")), "the wheel was not installed in the venv"
     return root
 
 
