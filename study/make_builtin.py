@@ -159,6 +159,7 @@ TITLES = {"count": "Count", "exist": "Exist", "compare_numbers": "Compare Number
 
 def card_markdown(card: dict) -> str:
     """The model card's tables, from builtin.json."""
+    from qgmrn.routing import format_routing_use
     g, r = card["generated_val"], card["real_clevr_val"]
     types = [t for t in TITLES if t in g["per_type"]]
     lines = ["| split | questions | Overall | " + " | ".join(TITLES[t] for t in types) + " |",
@@ -187,6 +188,12 @@ def card_markdown(card: dict) -> str:
     rt = g["routing"]
     lines += ["", f"Execution ratio (generated val): overall {rt['overall_execution_ratio']:.3f}; per layer "
               + ", ".join(f"{p['mean']:.2f} [{p['q1']:.2f}, {p['q3']:.2f}]" for p in rt["per_layer"]) + " (mean [q1, q3])"]
+    for name, res in rows:                             # how much the routing carries the question
+        use = res.get("routing", {}).get("use")
+        if use and "filters_executed" in use:
+            per_type = ", ".join(f"{TITLES.get(t, t).lower()} {100 * x:.0f}%" for t, x in use["per_type_executed"].items())
+            lines += ["", f"Routing use ({name}, {use['questions']} questions): {format_routing_use(use)[9:]}"
+                      + (f"; filters executed per question type: {per_type}" if per_type else "")]
     p = card["parity"]
     lines += ["", f"Parity (fp32 ONNX vs PyTorch, {p['samples']} questions: {card['parity_inputs']}): "
               f"max |logit diff| {p['max_abs_logit_diff']:.1e}, top-1 {100 * p['top1_agreement']:.1f}%, gates "

@@ -255,3 +255,28 @@ def test_every_learning_study_arm_is_a_valid_training_command():
         size = net.cfg.image_size
         out = net.eval()(torch.zeros(2, 3, size, size), torch.ones(2, 5, dtype=torch.long), torch.tensor([5, 3]))
         assert out.logits.shape == (2, net.cfg.num_answers), name
+
+
+def test_the_model_card_says_how_much_the_routing_carries_the_question():
+    """Issue 39: the card reports routing use where it reports accuracy (filters executed, gates on
+    for every question, gates that differ between two questions about one image, per type)."""
+    import numpy as np
+    from qgmrn.routing import routing_use
+    card_markdown = _module("make_builtin").card_markdown
+    gates = np.zeros((4, 2, 3), dtype=np.int64)
+    gates[:, 0, 0] = 1                                       # always on
+    gates[0, 1, 1] = gates[2, 1, 2] = 1                      # question-dependent
+    use = routing_use(gates, (3, 3), ["a", "a", "b", "b"], ["count", "exist", "count", "exist"])
+    result = {"n": 4, "overall": 0.5, "per_type": {"count": 0.5, "exist": 0.5},
+              "per_subtype": {"count": 0.5, "exist": 0.5},
+              "routing": {"overall_execution_ratio": 0.25, "per_layer": [{"mean": 0.33, "q1": 0.33, "q3": 0.33}] * 2,
+                          "use": use}}
+    card = {"generated_val": result, "real_clevr_val": result, "data": {"renderer": "blender"},
+            "parity": {"samples": 4, "max_abs_logit_diff": 0.0, "top1_agreement": 1.0, "gate_agreement": 1.0,
+                       "route_logits_within_eps": 0, "eps": 1e-3},
+            "parity_inputs": "x", "bytes": 1024, "parameters": 10, "checkpoint_sha256": "0" * 64}
+    text = card_markdown(card)
+    line = next(l for l in text.splitlines() if l.startswith("Routing use (blender val (held apart), 4 questions)"))
+    assert "25.0% of filters executed" in line and "1 of 6 gates on for every question" in line
+    assert "16.7% differ between two questions about one image" in line     # pairs (0,1), (2,3): 1 of 6 each
+    assert "count 33%" in line and "exist 17%" in line
