@@ -159,9 +159,37 @@ class BodyLimit:
 
 def proxy_middlewares() -> list:
     """Ray Serve's HTTP proxy with our body limits: runtime.serve passes these in http_options;
-    with `serve run`, set RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=runtime.api:proxy_middlewares."""
+    with `serve run`, set RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=runtime.api:proxy_middlewares.
+    Ray calls this in its proxy actor before it builds the proxy's uvicorn server: the header
+    deadline and the connection cap of the local engine go in there too (issue 41, M3)."""
     from starlette.middleware import Middleware
+    _guard_proxy_connections()
     return [Middleware(BodyLimit)]
+
+
+def _guard_proxy_connections() -> None:
+    """In this process, every uvicorn server built from here on without its own `http` protocol or
+    `limit_concurrency` gets runtime.protocol's: a client whose headers have not arrived within
+    HEADER_SECONDS is closed, and past MAX_CONNECTIONS a request is a 503. Ray Serve's proxy builds
+    uvicorn.Config(...) through the module attribute, so wrapping it is enough."""
+    try:
+        import uvicorn
+        from .protocol import MAX_CONNECTIONS, HeaderDeadline
+    except ImportError:                                 # httptools missing: uvicorn's defaults stay
+        return
+    if getattr(uvicorn.Config, "_qgmrn_guarded", False):
+        return
+    base = uvicorn.Config
+
+    class GuardedConfig(base):                          # type: ignore[misc, valid-type]
+        _qgmrn_guarded = True
+
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("http", HeaderDeadline)
+            kwargs.setdefault("limit_concurrency", MAX_CONNECTIONS)
+            super().__init__(*args, **kwargs)
+
+    uvicorn.Config = GuardedConfig                      # type: ignore[misc]
 
 
 async def read_body(request) -> bytes:

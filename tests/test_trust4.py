@@ -344,13 +344,16 @@ def test_m4_the_default_preset_on_data_without_programs_trains_without_the_where
     assert any("where loss is off" in str(m) for m in said) and (tmp_path / "r" / "ckpt.pt").exists()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("uvicorn") is None, reason="the serve extra is not installed")
-def test_m3_clients_that_never_finish_their_headers_are_closed(monkeypatch):
+@pytest.mark.parametrize("engine", ["local", pytest.param("ray", marks=pytest.mark.slow)])
+def test_m3_clients_that_never_finish_their_headers_are_closed(monkeypatch, engine):
+    """Both engines: on Ray, the header deadline lives in Ray's own proxy (runtime.api's proxy hook)."""
     import socket
     import time
     import serving
+    if not serving.HAVE[engine]:
+        pytest.skip(serving.WHY[engine])
     monkeypatch.setitem(serving.ENV, "QGMRN_HEADER_SECONDS", "2")
-    url, proc = serving.start("local", "--no-demo")
+    url, proc = serving.start(engine, "--no-demo")
     try:
         port = int(url.rsplit(":", 1)[1])
         stalled = []
