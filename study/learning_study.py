@@ -78,6 +78,13 @@ CANDIDATES: dict[str, tuple[str, list[str]]] = {
                                              "count_weight=0.5"]),
     "frn-t60-attn": ("small-frn+attn", ["scene_weight=0.5", "where_weight=1", "scene_gates=open",
                                         "exec_target=0.6"]),
+    # Issue 39: the router's own learning rate, temperature and initialisation (what the literature on
+    # gated networks says keeps gates from collapsing), each against frn-both-open-t60.
+    **{f"frn-t60-{name}": ("small-frn", ["scene_weight=0.5", "where_weight=1", "scene_gates=open",
+                                         "exec_target=0.6", setting])
+       for name, setting in (("rlr0.1", "router_lr=0.1"), ("rlr10", "router_lr=10"), ("tau0.5", "tau=0.5"),
+                             ("tau2", "tau=2"), ("init0.5", "route_init_prob=0.5"),
+                             ("init0.9", "route_init_prob=0.9"))},
     "default": ("small", []),                       # what python -m qgmrn.train trains, on DIR
     "brn": ("small", [*PAPER]),
     "brn-both": ("small", ["scene_weight=0.5", "where_weight=1", *GATED]),

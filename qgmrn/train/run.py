@@ -127,7 +127,7 @@ def build_or_restore(cfg: TrainConfig, data: Data, resume_state, init_from, mode
         model = model.to(memory_format=torch.channels_last)
     per_epoch, total = planned_steps(cfg, len(train_ds), world)
     trainer = TrainingForward(model, heads, cfg.scene_gates).to(device)
-    optimizer = torch.optim.Adam(trainer.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+    optimizer = torch.optim.Adam(param_groups(trainer, model, cfg), lr=cfg.lr, betas=(0.9, 0.999))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total))
     step, seconds = 0, 0.0
     if resume_state is not None:
@@ -144,3 +144,13 @@ def build_or_restore(cfg: TrainConfig, data: Data, resume_state, init_from, mode
                per_epoch, total, step, seconds)
 
 
+
+
+def param_groups(trainer, model, cfg) -> list:
+    """One group, or with router_lr != 1 two: the routing FC at lr x router_lr, the rest at lr (the
+    schedule scales both alike). Runs saved with one group resume with one: router_lr is kept."""
+    if cfg.router_lr == 1.0:
+        return [{"params": list(trainer.parameters())}]
+    routing = {id(p) for p in model.router.parameters()}
+    return [{"params": [p for p in trainer.parameters() if id(p) not in routing]},
+            {"params": list(model.router.parameters()), "lr": cfg.lr * cfg.router_lr}]

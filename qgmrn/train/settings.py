@@ -38,6 +38,9 @@ class TrainConfig:
     where_weight: float | None = None        # training only: the cells of the objects the question's
                                              # program points at, on the gated final map. None: on for
                                              # the CPU presets where the data has scenes, else 0
+    router_lr: float = 1.0                   # training only: the routing FC's learning rate as a multiple
+                                             # of lr (gated networks often train their gates slower or
+                                             # faster than the features; issue 39's rows measure it)
     count_weight: float = 0.0                # training only, with the model setting pool="max+sum": a
                                              # linear read of the head's sum over positions predicts
                                              # each count question's answer (smooth L1)
@@ -90,6 +93,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise SettingsError(f"warmup_start_lr must be a finite number, not negative, got {cfg.warmup_start_lr}")
     if cfg.lr is not None and not (0.0 < cfg.lr < 10.0):
         raise SettingsError(f"lr must lie in (0, 10), got {cfg.lr}")
+    if not (math.isfinite(cfg.router_lr) and 0.0 < cfg.router_lr <= 100.0):
+        raise SettingsError(f"router_lr (a multiple of lr) must lie in (0, 100], got {cfg.router_lr}")
     if cfg.exec_target is not None and not (0.0 <= cfg.exec_target < 1.0):
         raise SettingsError(f"exec_target must lie in [0, 1) (0: off), got {cfg.exec_target}")
     for name in ("load_weight", "scene_weight", "where_weight", "exec_weight", "count_weight"):
