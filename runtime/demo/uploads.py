@@ -156,7 +156,10 @@ class UploadGuard:
                                                               "bytes (upload images first)"})
             if not message.get("more_body", False):
                 break
-        body = b"".join(parts).replace(b'"' + TOKEN.encode(), b'"' + str(upload_folder()).encode() + b"/")
+        real = str(upload_folder()).encode() + b"/"
+        body = b"".join(parts)
+        for key in (b'"path":"', b'"path": "'):          # a file's path only (JSON.stringify, json.dumps)
+            body = body.replace(key + TOKEN.encode(), key + real)
         headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
         headers.append((b"content-length", str(len(body)).encode()))
         sent = False
