@@ -17,17 +17,8 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
-UINT8_NHWC = "uint8-nhwc"
-
-
-def normalisation_constants() -> tuple[np.ndarray, np.ndarray]:
-    """(mean * 255, 1 / (std * 255)) per channel, float32, computed as the runtime's table is."""
-    from qgmrn.preprocess import MEAN, STD
-    mean255 = np.array(MEAN, dtype=np.float32) * np.float32(255.0)
-    inv_std = np.float32(1.0) / (np.array(STD, dtype=np.float32) * np.float32(255.0))
-    return mean255.astype(np.float32), inv_std.astype(np.float32)
+from qgmrn.preprocess import _INV_STD, _MEAN      # the runtime table's own float32 constants
+from runtime.metadata import UINT8_NHWC
 
 
 def to_uint8_input(proto, metadata_key: str = "qgmrn"):
@@ -48,9 +39,8 @@ def to_uint8_input(proto, metadata_key: str = "qgmrn"):
     internal = "image_normalised"
     for node in graph.node:                              # the old input becomes an inner tensor
         node.input[:] = [internal if name == "image" else name for name in node.input]
-    mean255, inv_std = normalisation_constants()
-    graph.initializer.extend([numpy_helper.from_array(mean255.reshape(1, 3, 1, 1), "image_mean255"),
-                              numpy_helper.from_array(inv_std.reshape(1, 3, 1, 1), "image_inv_std255")])
+    graph.initializer.extend([numpy_helper.from_array(_MEAN.reshape(1, 3, 1, 1), "image_mean255"),
+                              numpy_helper.from_array(_INV_STD.reshape(1, 3, 1, 1), "image_inv_std255")])
     # the layout first, on bytes (a quarter of the float tensor's), then the float arithmetic
     head = [helper.make_node("Transpose", ["image"], ["image_nchw_u8"], perm=[0, 3, 1, 2], name="image/nchw"),
             helper.make_node("Cast", ["image_nchw_u8"], ["image_f32"], to=TensorProto.FLOAT, name="image/cast"),
@@ -73,9 +63,12 @@ def to_uint8_input(proto, metadata_key: str = "qgmrn"):
 
 
 def convert(src: str | Path, dst: str | Path) -> Path:
+    """Write the uint8-input graph of the export `src` to `dst` (whole, or not at all)."""
     import onnx
-    proto = onnx.load(str(src))
-    onnx.save_model(to_uint8_input(proto), str(dst))
+    from qgmrn.files import atomic_file
+    proto = to_uint8_input(onnx.load(str(src)))
+    with atomic_file(dst, binary=True) as f:
+        f.write(proto.SerializeToString())
     return Path(dst)
 
 
@@ -100,10 +93,7 @@ def main(argv=None) -> int:
         print("error: write the uint8 graph to another file than its source", file=sys.stderr)
         return 2
     try:
-        from qgmrn.files import atomic_file
-        proto = to_uint8_input(onnx.load(str(src)))
-        with atomic_file(dst, binary=True) as f:
-            f.write(proto.SerializeToString())
+        convert(src, dst)
     except (ValueError, OSError, onnx.checker.ValidationError) as e:
         print(f"error: {src}: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2

@@ -14,6 +14,8 @@ METADATA_FORMAT = "qgmrn-onnx"
 METADATA_VERSION = 1
 
 
+UINT8_NHWC = "uint8-nhwc"          # metadata["image_input"] of a graph that takes uint8 pixels (export/uint8_input.py)
+
 def parse_metadata(raw: str | None, path) -> dict:
     if raw is None:
         raise ModelError(f"{path} is not a QGMRN export: it carries no '{METADATA_KEY}' metadata "
@@ -77,7 +79,7 @@ def check_metadata_against_shapes(meta: dict, logits_shape, gates_shape, path, i
         raise ModelError(f"{path}: the graph scores {width} answers but its metadata lists {len(answers)}; "
                          "the file was altered or mis-exported")
     if image_shape is not None and len(image_shape) == 4:
-        side = image_shape[1:3] if meta.get("image_input") == "uint8-nhwc" else image_shape[2:]
+        side = image_shape[1:3] if meta.get("image_input") == UINT8_NHWC else image_shape[2:]
         fixed = [d for d in side if isinstance(d, int)]
         if any(d != meta["image_size"] for d in fixed):
             raise ModelError(f"{path}: the graph takes {side[0]} x {side[1]} images but its metadata "

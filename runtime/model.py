@@ -12,6 +12,7 @@ from qgmrn.preprocess import MEAN, STD, Vocab, encode_batch, load_rgb, normalize
 
 from .backends import open_runner
 from .errors import ModelError
+from .metadata import UINT8_NHWC
 
 
 _POOL_SIZE = min(8, os.cpu_count() or 1)
@@ -41,7 +42,7 @@ def _identity(image):
 
 
 EXECUTIONS = ("masked", "compact", "compact-batch1")    # export.onnx_export's metadata["execution"]
-IMAGE_INPUTS = ("float-nchw", "uint8-nhwc")
+IMAGE_INPUTS = ("float-nchw", UINT8_NHWC)
 
 
 @dataclass
@@ -169,7 +170,7 @@ class Model:
 
     def _feed(self, u8: np.ndarray) -> np.ndarray:
         """(N, S, S, 3) uint8 -> what the graph's image input takes."""
-        return u8 if self.image_input == "uint8-nhwc" else normalize(u8)
+        return u8 if self.image_input == UINT8_NHWC else normalize(u8)
 
     def _predict_stream(self, images, questions, top_k: int, batch_size: int) -> list[Prediction]:
         """Batches of one call, with each distinct image (the same path, bytes or object) decoded

@@ -192,7 +192,7 @@ def card_markdown(card: dict) -> str:
         use = res.get("routing", {}).get("use")
         if use and "filters_executed" in use:
             per_type = ", ".join(f"{TITLES.get(t, t).lower()} {100 * x:.0f}%" for t, x in use["per_type_executed"].items())
-            lines += ["", f"Routing use ({name}, {use['questions']} questions): {format_routing_use(use)[9:]}"
+            lines += ["", f"Routing use ({name}, {use['questions']} questions): {format_routing_use(use).removeprefix('routing: ')}"
                       + (f"; filters executed per question type: {per_type}" if per_type else "")]
     p = card["parity"]
     lines += ["", f"Parity (fp32 ONNX vs PyTorch, {p['samples']} questions: {card['parity_inputs']}): "

@@ -35,12 +35,11 @@ def _files(root: Path) -> list[Path]:
 
 def _folder_bytes(root: Path) -> int:
     total = 0
-    for dirpath, _, names in os.walk(root):
-        for name in names:
-            try:
-                total += os.lstat(os.path.join(dirpath, name)).st_size
-            except OSError:
-                pass
+    for path in _files(root):
+        try:
+            total += os.lstat(path).st_size
+        except OSError:                          # swept meanwhile
+            pass
     return total
 
 
