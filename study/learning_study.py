@@ -85,6 +85,12 @@ CANDIDATES: dict[str, tuple[str, list[str]]] = {
        for name, setting in (("rlr0.1", "router_lr=0.1"), ("rlr10", "router_lr=10"), ("tau0.5", "tau=0.5"),
                              ("tau2", "tau=2"), ("init0.5", "route_init_prob=0.5"),
                              ("init0.9", "route_init_prob=0.9"))},
+    # Issue 39 part 3: the learning-rate schedule (warm-up length, peak), which broke a long plateau
+    # in Relation Network reproductions on CLEVR; small-frn's own: 500 warm-up steps to 1e-3.
+    **{f"frn-t60-{name}": ("small-frn", ["scene_weight=0.5", "where_weight=1", "scene_gates=open",
+                                         "exec_target=0.6", *settings])
+       for name, settings in (("warm4k", ["warmup_steps=4000"]), ("lr3e-4", ["lr=3e-4"]),
+                              ("lr2e-3-warm4k", ["lr=2e-3", "warmup_steps=4000"]))},
     "default": ("small", []),                       # what python -m qgmrn.train trains, on DIR
     "brn": ("small", [*PAPER]),
     "brn-both": ("small", ["scene_weight=0.5", "where_weight=1", *GATED]),
