@@ -67,6 +67,10 @@ CANDIDATES: dict[str, tuple[str, list[str]]] = {
     "frn-both-open-t45": ("small-frn", ["scene_weight=0.5", "where_weight=1", "scene_gates=open",
                                         "exec_target=0.45"]),
     "frn-open-t60": ("small-frn", ["scene_weight=0", "where_weight=1", "exec_target=0.6"]),
+    # The scene loss on the stem's map (before any routed block): no second visual pass, and no
+    # perception loss reaches the routed blocks at all.
+    "frn-stem-t60": ("small-frn", ["scene_weight=0.5", "where_weight=1", "scene_gates=stem",
+                                   "exec_target=0.6"]),
     # Issue 39 part 2: read-outs where the question meets the map before pooling, and can count;
     # each against frn-both-open-t60 (the CPU presets' routing recipe), at >= 1 M samples.
     "frn-t60-film": ("small-frn", ["scene_weight=0.5", "where_weight=1", "scene_gates=open",

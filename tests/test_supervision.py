@@ -158,3 +158,30 @@ def test_a_run_from_before_these_losses_resumes_with_the_papers_loss(tiny_data, 
     saved = {"data_root": str(tiny_data), "preset": "small", "steps": 10, "out": str(tmp_path)}   # no weights
     cfg = restore_config(saved, {}, tmp_path / "ckpt.pt")
     assert (cfg.scene_weight, cfg.where_weight) == (0.0, 0.0)
+
+
+def test_the_scene_loss_on_the_stem_teaches_the_stem_and_no_routed_block(tiny_data, tmp_path):
+    """scene_gates="stem": the scene head reads the map before any routed block, so the perception
+    loss cannot ask the routing to stay open (and there is no second visual pass)."""
+    from qgmrn.checkpoint import model_from_checkpoint
+    from qgmrn.train.supervision import TrainingForward
+    run = tmp_path / "run"
+    train(tiny_train_config(tiny_data, run, steps=3, scene_weight=0.5, where_weight=0.0, scene_gates="stem"), **quiet)
+    state = load_checkpoint(run / "ckpt.pt")
+    model = model_from_checkpoint(state)
+    assert state["train_config"]["scene_gates"] == "stem"
+    assert state["supervision"]["scene.weight"].shape[1] == model.cfg.stem_width != model.visual.out_channels
+    steps = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert steps and all(r["scene_loss"] > 0 for r in steps)
+
+    heads = SupervisionHeads(model.visual.out_channels, scene=True, where=False, scene_channels=model.cfg.stem_width)
+    forward = TrainingForward(model, heads, "stem")
+    image, tokens, lengths = torch.rand(2, 3, model.cfg.image_size, model.cfg.image_size), \
+        torch.ones(2, 5, dtype=torch.long), torch.tensor([5, 3])
+    targets = torch.full((2, 10, 7), -1.0)
+    targets[:, 0, :6] = torch.tensor([0.5, 0.5, 1, 0, 1, 0])
+    _, losses = forward(image, tokens, lengths, targets)
+    losses.scene.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.visual.stem.parameters())
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.visual.blocks.parameters())
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.router.parameters())

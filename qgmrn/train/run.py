@@ -114,7 +114,8 @@ def build_or_restore(cfg: TrainConfig, data: Data, resume_state, init_from, mode
         raise SettingsError("count_weight needs count questions (answers that are whole numbers); this "
                             "data's answers have none")
     heads = build_heads(model.visual.out_channels, cfg.scene_weight, cfg.where_weight, cfg.count_weight,
-                        answers, model.cfg.head_dim)
+                        answers, model.cfg.head_dim,
+                        scene_channels=model.cfg.stem_width if cfg.scene_gates == "stem" else 0)
     if resume_state is not None and heads is not None:
         try:
             heads.load_state_dict(resume_state["supervision"])

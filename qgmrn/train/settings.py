@@ -9,7 +9,7 @@ from ..config import ModelConfig, get_config
 from ..settings import SettingsError, typed
 
 
-SCENE_GATES = ("question", "open")      # the map the scene loss reads (qgmrn/train/supervision.py)
+SCENE_GATES = ("question", "open", "stem")   # the map the scene loss reads (qgmrn/train/supervision.py)
 MAX_LOSS_WEIGHT = 100.0                 # a loss weight beyond this drowns the answer's cross-entropy
 
 
@@ -46,7 +46,8 @@ class TrainConfig:
                                              # each count question's answer (smooth L1)
     scene_gates: str = "open"                # the scene loss reads the map with every module "open" (a
                                              # second visual pass), or under the question's gates
-                                             # ("question": the routing then learns to stay open)
+                                             # ("question": the routing then learns to stay open), or
+                                             # the stem's map, before any routed block ("stem")
     seed: int = 0
     out: str = "runs/qgmrn"
     save_every: int = 500                    # steps between checkpoints
@@ -104,7 +105,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if value is not None and value > MAX_LOSS_WEIGHT:    # the answer's loss would vanish beside it
             raise SettingsError(f"{name} must be at most {MAX_LOSS_WEIGHT:g}, got {value}")
     if cfg.scene_gates not in SCENE_GATES:
-        raise SettingsError(f"scene_gates must be 'question' or 'open', got {cfg.scene_gates!r}")
+        raise SettingsError(f"scene_gates must be one of {', '.join(SCENE_GATES)}, got {cfg.scene_gates!r}")
     if (cfg.scene_weight or cfg.where_weight) and (cfg.jsonl or cfg.humans):
         raise SettingsError("scene_weight and where_weight need CLEVR scene records and programs "
                             "(--data-root in CLEVR layout, or the built-in data); "

@@ -7,6 +7,9 @@ test-time graph, parity and the runtime never see them.
 - scene loss (scene_weight): 1x1 conv heads on the visual network's final map predict, at each
   object's cell, its colour, shape, size and material (cross-entropy), and where objects are
   (a presence map, binary cross-entropy over every cell).
+  The map is the question-gated one, the map with every module executed (a second visual pass;
+  scene_gates="open") or the stem's, before any routed block (scene_gates="stem": no second pass,
+  and the routed blocks learn only from the answer and the where loss).
 - where loss (where_weight): one 1x1 conv channel on the *gated* final map marks the cells of the
   objects the question's program points at (binary cross-entropy over every cell). The channel
   does not see the question; only the routing can make the map answer "where", so the loss
@@ -41,9 +44,9 @@ class SupervisionHeads(nn.Module):
     count read of the plain head's pooled sum."""
 
     def __init__(self, channels: int, scene: bool, where: bool, count_answers: "list[str] | None" = None,
-                 head_dim: int = 0):
+                 head_dim: int = 0, scene_channels: int = 0):
         super().__init__()
-        self.scene = nn.Conv2d(channels, sum(CLASSES) + 1, 1) if scene else None
+        self.scene = nn.Conv2d(scene_channels or channels, sum(CLASSES) + 1, 1) if scene else None
         self.where = nn.Conv2d(channels, 1, 1) if where else None
         self.count = nn.Linear(head_dim, 1) if count_answers else None
         # answer id -> its count (-1: not a count answer); rebuilt from the answers, never saved
@@ -118,6 +121,8 @@ class TrainingForward(nn.Module):
                 sizes = self.model.cfg.layer_sizes
                 opened = self.model.visual(image, [image.new_ones(image.shape[0], m) for m in sizes])
                 scene = self.heads.scene_loss(opened, targets)
+            elif self.scene_gates == "stem":                           # before any routed block
+                scene = self.heads.scene_loss(self.model.visual.stem(image), targets)
             else:
                 scene = self.heads.scene_loss(fmap, targets)
         if self.heads.where is not None:
@@ -128,9 +133,11 @@ class TrainingForward(nn.Module):
 
 
 def build_heads(channels: int, scene_weight: float, where_weight: float, count_weight: float = 0.0,
-                answers: "list[str] | None" = None, head_dim: int = 0) -> SupervisionHeads | None:
-    """The heads a run's weights ask for; None for the paper's loss alone."""
+                answers: "list[str] | None" = None, head_dim: int = 0,
+                scene_channels: int = 0) -> SupervisionHeads | None:
+    """The heads a run's weights ask for; None for the paper's loss alone. scene_channels: the
+    channels of the map the scene loss reads when it is not the final map's (the stem's)."""
     if scene_weight <= 0 and where_weight <= 0 and count_weight <= 0:
         return None
     return SupervisionHeads(channels, scene_weight > 0, where_weight > 0,
-                            list(answers or []) if count_weight > 0 else None, head_dim)
+                            list(answers or []) if count_weight > 0 else None, head_dim, scene_channels)
