@@ -74,7 +74,7 @@ def plot(runs: dict[str, tuple[list[dict], list[dict]]], out: Path) -> bool:
         print("matplotlib not installed: no curves written", file=sys.stderr)
         return False
     keys = ("overall",) + TYPES
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7), sharex=True)
+    fig, axes = plt.subplots(2, 3, figsize=(13, 8.5), sharex=True)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, key in zip(axes.flat, keys):
         for i, (name, (val, real)) in enumerate(runs.items()):
@@ -92,8 +92,9 @@ def plot(runs: dict[str, tuple[list[dict], list[dict]]], out: Path) -> bool:
         ax.set_xlabel("M samples")
         ax.set_ylabel("accuracy %")
         ax.grid(alpha=0.3)
-    axes.flat[0].legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = axes.flat[0].get_legend_handles_labels()   # below the panels, not over a curve
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 + 0.018 * ((len(labels) + 1) // 2), 1, 1))
     fig.savefig(out, dpi=110)
     return True
 
