@@ -31,6 +31,10 @@ ENGINES = ("local", "ray")
 MAX_BATCH = 256
 MAX_WAIT_MS = 1000.0
 PROXY_HOOK = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+# Ray Serve's controller kills an HTTP proxy that has not answered its ready check within 5 s, and the
+# start then dies with a traceback; on a busy two-core machine the proxy takes longer than that to import.
+PROXY_READY = "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"
+PROXY_READY_SECONDS = "30"
 DRAIN_SECONDS = 30                  # in-flight requests get this long to finish after SIGTERM
 
 
@@ -234,7 +238,8 @@ def serve_ray(a, model, stop: Stop) -> None:
     ray, serve = _import_ray()
     # Ray's HTTP proxy reads whole bodies before a replica sees them: our body limits go into the
     # proxy too, through Ray's hook for proxy middlewares (an environment variable its actors inherit).
-    hook = {PROXY_HOOK: "runtime.api:proxy_middlewares"}
+    hook = {PROXY_HOOK: "runtime.api:proxy_middlewares",
+            PROXY_READY: os.environ.get(PROXY_READY, PROXY_READY_SECONDS)}     # a user's own value wins
     os.environ.update(hook)
     if is_loopback(a.host) and not a.address:
         start_ray_on_loopback(ray)
@@ -245,9 +250,14 @@ def serve_ray(a, model, stop: Stop) -> None:
     try:
         if stop:
             return
-        serve.start(http_options={"host": a.host, "port": a.port}, proxy_location="HeadOnly")
-        serve.run(build_app({"model": a.model, "replicas": a.replicas, "max_batch": a.max_batch,
-                             "batch_wait_ms": a.batch_wait_ms, "demo": not a.no_demo}), name="qgmrn", route_prefix="/")
+        try:
+            serve.start(http_options={"host": a.host, "port": a.port}, proxy_location="HeadOnly")
+            serve.run(build_app({"model": a.model, "replicas": a.replicas, "max_batch": a.max_batch,
+                                 "batch_wait_ms": a.batch_wait_ms, "demo": not a.no_demo}), name="qgmrn",
+                      route_prefix="/")
+        except (ray.exceptions.RayError, TimeoutError) as e:
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise SystemExit(f"error: Ray Serve did not start on {a.host}:{a.port}: {why}") from None
         stop.install()
         check_sole_listener(a.host, a.port)     # the proxy now listens: it must be alone on the port
         if not stop:
