@@ -159,6 +159,44 @@ def baselines(a) -> int:
     return 0
 
 
+def train_accuracy(run_dir: Path, window: int = 500) -> float | None:
+    """Mean training-batch accuracy over the run's last `window` steps (training-mode gates, sampled)."""
+    path = run_dir / "metrics.jsonl"
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    recs = [r for r in recs if "split" not in r and "acc" in r]
+    if not recs:
+        return None
+    last = recs[-1]["step"]
+    window_recs = [r["acc"] for r in recs if r["step"] > last - window]
+    return sum(window_recs) / len(window_recs)
+
+
+def final_table(dirs: list[Path], runs: dict[str, list[dict]]) -> list[str]:
+    """One row per run at its last evaluation: val beside train accuracy, and the routing's use
+    (eval-mode gates: filters executed, gates on for every question, gates that differ between two
+    questions about one image)."""
+    head = ("| run | samples | val % | train % (last 500 steps) | count | query | filters executed | "
+            "gates always on | differ, same image |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for d in dirs:
+        if d.name not in runs:
+            continue
+        r = runs[d.name][-1]
+        use = (r.get("routing") or {}).get("use", r.get("routing") or {})
+        train = train_accuracy(d)
+        cells = [d.name, f"{r['samples'] / 1e3:.0f}k", f"{100 * r['overall']:.1f}",
+                 f"{100 * train:.1f}" if train is not None else "-",
+                 f"{100 * r['per_type'].get('count', float('nan')):.1f}",
+                 f"{100 * r['per_type'].get('query_attribute', float('nan')):.1f}"]
+        if "filters_executed" in use:
+            cells += [f"{100 * use['filters_executed']:.1f}%", f"{use['always_on']} of {use['modules']}",
+                      f"{100 * use['differ_same_image']:.1f}%"]
+        else:
+            cells += ["-", "-", "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def report(a) -> int:
     dirs = []
     for p in map(Path, a.study):
@@ -198,7 +236,7 @@ def report(a) -> int:
         pt = qonly["per_type"]
         lines.append("| question only (same question's most common answer) | - | - | " + f"{100 * qonly['overall']:.1f} | "
                      + " | ".join(f"{100 * pt[t]:.1f}" if t in pt else "-" for t in TYPES) + " | - | - | - | - |")
-    text = "\n".join(lines)
+    text = "\n".join(lines + ["", "At each run's last evaluation:", "", *final_table(dirs, runs)])
     print(text)
     if a.docs:
         docs = Path(a.docs)

@@ -280,3 +280,19 @@ def test_the_model_card_says_how_much_the_routing_carries_the_question():
     assert "25.0% of filters executed" in line and "1 of 6 gates on for every question" in line
     assert "16.7% differ between two questions about one image" in line     # pairs (0,1), (2,3): 1 of 6 each
     assert "count 33%" in line and "exist 17%" in line
+
+
+def test_the_study_report_puts_train_beside_val_and_the_routing_use_at_each_runs_end(tmp_path):
+    """Issue 39 ranks rows by val with train beside it and the routing's use: the report's last
+    table reads them from each run's metrics.jsonl (train: the mean of the last 500 steps' batches)."""
+    study = _module("learning_study")
+    run = tmp_path / "study" / "arm"
+    run.mkdir(parents=True)
+    use = {"questions": 10, "modules": 176, "filters_executed": 0.6, "always_on": 2, "differ_same_image": 0.4}
+    recs = [{"step": s, "acc": 0.5 if s <= 500 else 0.7, "loss": 1.0} for s in range(100, 1100, 100)]
+    recs += [{"step": 1000, "split": "val", "samples": 64000, "train_seconds": 60.0, "overall": 0.55,
+              "per_type": {"count": 0.4, "query_attribute": 0.5}, "routing": {"use": use}}]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    assert study.main(["report", str(tmp_path / "study"), "--docs", str(tmp_path / "docs")]) == 0
+    text = (tmp_path / "docs" / "study.md").read_text()
+    assert "| arm | 64k | 55.0 | 70.0 | 40.0 | 50.0 | 60.0% | 2 of 176 | 40.0% |" in text
