@@ -175,7 +175,8 @@ def final_table(dirs: list[Path], runs: dict[str, list[dict]]) -> list[str]:
     """One row per run at its last evaluation: val beside train accuracy, and the routing's use
     (eval-mode gates: filters executed, gates on for every question, gates that differ between two
     questions about one image)."""
-    head = ("| run | samples | val % | train % (last 500 steps) | count | query | filters executed | "
+    head = ("| run | samples | val % | val, mean of the last 3 evaluations | train % (last 500 steps) | count | "
+            "query | filters executed | "
             "gates always on | differ, same image |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for d in dirs:
@@ -184,7 +185,8 @@ def final_table(dirs: list[Path], runs: dict[str, list[dict]]) -> list[str]:
         r = runs[d.name][-1]
         use = (r.get("routing") or {}).get("use", r.get("routing") or {})
         train = train_accuracy(d)
-        cells = [d.name, f"{r['samples'] / 1e3:.0f}k", f"{100 * r['overall']:.1f}",
+        last3 = [e["overall"] for e in runs[d.name][-3:]]          # one evaluation swings by 1-2 points
+        cells = [d.name, f"{r['samples'] / 1e3:.0f}k", f"{100 * r['overall']:.1f}", f"{100 * sum(last3) / len(last3):.1f}",
                  f"{100 * train:.1f}" if train is not None else "-",
                  f"{100 * r['per_type'].get('count', float('nan')):.1f}",
                  f"{100 * r['per_type'].get('query_attribute', float('nan')):.1f}"]
