@@ -138,12 +138,16 @@ def run(a) -> int:
     return 0
 
 
-def read_curves(run_dir: Path) -> list[dict]:
+def read_metrics(run_dir: Path) -> list[dict]:
+    """Every record of the run's metrics.jsonl (training steps and evaluations); none without one."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return []
-    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in recs if r.get("split") == "val" and "samples" in r]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def val_curve(records: list[dict]) -> list[dict]:
+    return [r for r in records if r.get("split") == "val" and "samples" in r]
 
 
 def baselines(a) -> int:
@@ -159,35 +163,28 @@ def baselines(a) -> int:
     return 0
 
 
-def train_accuracy(run_dir: Path, window: int = 500) -> float | None:
+def train_accuracy(records: list[dict], window: int = 500) -> float | None:
     """Mean training-batch accuracy over the run's last `window` steps (training-mode gates, sampled)."""
-    path = run_dir / "metrics.jsonl"
-    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    recs = [r for r in recs if "split" not in r and "acc" in r]
-    if not recs:
+    steps = [r for r in records if "split" not in r and "acc" in r]
+    if not steps:
         return None
-    last = recs[-1]["step"]
-    window_recs = [r["acc"] for r in recs if r["step"] > last - window]
-    return sum(window_recs) / len(window_recs)
+    last = steps[-1]["step"]
+    accs = [r["acc"] for r in steps if r["step"] > last - window]
+    return sum(accs) / len(accs)
 
 
-def final_table(dirs: list[Path], runs: dict[str, list[dict]]) -> list[str]:
+def final_table(runs: dict[str, list[dict]], train: dict[str, float | None]) -> list[str]:
     """One row per run at its last evaluation: val beside train accuracy, and the routing's use
     (eval-mode gates: filters executed, gates on for every question, gates that differ between two
-    questions about one image)."""
+    questions about one image; metrics.jsonl's "routing" record)."""
     head = ("| run | samples | val % | val, mean of the last 3 evaluations | train % (last 500 steps) | count | "
-            "query | filters executed | "
-            "gates always on | differ, same image |")
+            "query | filters executed | gates always on | differ, same image |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for d in dirs:
-        if d.name not in runs:
-            continue
-        r = runs[d.name][-1]
-        use = (r.get("routing") or {}).get("use", r.get("routing") or {})
-        train = train_accuracy(d)
-        last3 = [e["overall"] for e in runs[d.name][-3:]]          # one evaluation swings by 1-2 points
-        cells = [d.name, f"{r['samples'] / 1e3:.0f}k", f"{100 * r['overall']:.1f}", f"{100 * sum(last3) / len(last3):.1f}",
-                 f"{100 * train:.1f}" if train is not None else "-",
+    for name, curve in runs.items():
+        r, use = curve[-1], curve[-1].get("routing") or {}
+        last3 = [e["overall"] for e in curve[-3:]]          # one evaluation swings by 1-2 points
+        cells = [name, f"{r['samples'] / 1e3:.0f}k", f"{100 * r['overall']:.1f}", f"{100 * sum(last3) / len(last3):.1f}",
+                 f"{100 * train[name]:.1f}" if train[name] is not None else "-",
                  f"{100 * r['per_type'].get('count', float('nan')):.1f}",
                  f"{100 * r['per_type'].get('query_attribute', float('nan')):.1f}"]
         if "filters_executed" in use:
@@ -206,7 +203,8 @@ def report(a) -> int:
             print(f"error: {p} is not a run or study directory", file=sys.stderr)
             return 2
         dirs += [p] if (p / "metrics.jsonl").exists() else sorted(d for d in p.iterdir() if d.is_dir())
-    runs = {d.name: read_curves(d) for d in dirs}
+    records = {d.name: read_metrics(d) for d in dirs}            # each file read once
+    runs = {k: val_curve(v) for k, v in records.items()}
     runs = {k: v for k, v in runs.items() if v}
     if not runs:
         print(f"error: no learning curves under {', '.join(a.study)}", file=sys.stderr)
@@ -238,7 +236,7 @@ def report(a) -> int:
         pt = qonly["per_type"]
         lines.append("| question only (same question's most common answer) | - | - | " + f"{100 * qonly['overall']:.1f} | "
                      + " | ".join(f"{100 * pt[t]:.1f}" if t in pt else "-" for t in TYPES) + " | - | - | - | - |")
-    text = "\n".join(lines + ["", "At each run's last evaluation:", "", *final_table(dirs, runs)])
+    text = "\n".join(lines + ["", "At each run's last evaluation:", "", *final_table(runs, {k: train_accuracy(records[k]) for k in runs})])
     print(text)
     if a.docs:
         docs = Path(a.docs)

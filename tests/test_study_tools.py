@@ -293,7 +293,7 @@ def test_the_study_report_puts_train_beside_val_and_the_routing_use_at_each_runs
     recs += [{"step": 500, "split": "val", "samples": 32000, "train_seconds": 30.0, "overall": 0.45,
               "per_type": {"count": 0.3, "query_attribute": 0.4}}]
     recs += [{"step": 1000, "split": "val", "samples": 64000, "train_seconds": 60.0, "overall": 0.55,
-              "per_type": {"count": 0.4, "query_attribute": 0.5}, "routing": {"use": use}}]
+              "per_type": {"count": 0.4, "query_attribute": 0.5}, "routing": use}]      # as the trainer logs it
     (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
     assert study.main(["report", str(tmp_path / "study"), "--docs", str(tmp_path / "docs")]) == 0
     text = (tmp_path / "docs" / "study.md").read_text()
