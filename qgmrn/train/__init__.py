@@ -40,7 +40,7 @@ from .data import resolve_data
 from .hardware import _all_sum, _dist_setup, cpu_has_amx_bf16, cpu_has_bf16, training_precision
 from .report import Reporter
 from .resume import (RunFolderLock, _finished_message, absolute_paths, check_out_dir, check_resumable, given_fields,
-                     restore_config, restore_model_overrides, trim_metrics)
+                     replace_run, restore_config, restore_model_overrides, trim_metrics)
 from .run import Run, build_or_restore, planned_steps
 from .schedule import lr_lambda, resolve_lr
 from .settings import TrainConfig, TrainingStopped, validate, validate_model_overrides
@@ -213,6 +213,8 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None, resume: str | N
             say(f"resumed from {resume} at step {resume_state['step']} of {total}")
         run = build_or_restore(data.cfg, data, resume_state, init_from, model_overrides, device, rank, world, say)
         say(describe(run, "from checkpoint" if init_from or resume_state is not None else run.cfg.preset))
+        if main_rank:
+            replace_run(out, lock)                 # --overwrite: the new run starts, the old one goes
         if main_rank and lock is None:
             out.mkdir(parents=True, exist_ok=True)
             lock = RunFolderLock(out)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import json
+import math
 import os
 import socket
 from pathlib import Path
@@ -83,6 +84,30 @@ def check_resumable(state: dict, path) -> None:
                                   "cannot be resumed; start from its weights with --init-from instead")
     if state.get("supervision") is not None and not isinstance(state["supervision"], dict):
         raise CheckpointError(f"{path}: its scene/where heads are not a set of weights; it cannot be resumed")
+    _check_numbers(state, path, CheckpointError)
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_numbers(state: dict, path, error) -> None:
+    """The numbers a resumed run computes with: its settings, learning rates and clock."""
+    if not isinstance(state.get("train_config", {}), dict):
+        raise error(f"{path}: its train_config is not a set of settings; it cannot be resumed")
+    groups = state["optimizer"].get("param_groups")
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        raise error(f"{path}: its optimizer state has no parameter groups; it cannot be resumed")
+    for g in groups:
+        if not _finite(g.get("lr")) or g["lr"] < 0:
+            raise error(f"{path}: its optimizer's learning rate {str(g.get('lr'))[:20]!r} is not a number "
+                        "(a tampered checkpoint); it cannot be resumed")
+    base = state["scheduler"].get("base_lrs", [])
+    if not isinstance(base, list) or not all(_finite(x) and x >= 0 for x in base):
+        raise error(f"{path}: its scheduler's base learning rates {str(base)[:40]} are not numbers; it cannot be resumed")
+    if "train_seconds" in state and not (_finite(state["train_seconds"]) and state["train_seconds"] >= 0):
+        raise error(f"{path}: its training time {str(state['train_seconds'])[:20]!r} is not a number of seconds; "
+                    "it cannot be resumed")
 
 
 def restore_model_overrides(overrides: dict, model_config: dict, resume) -> None:
@@ -106,8 +131,9 @@ def check_out_dir(out: Path, resume, overwrite: bool) -> "RunFolderLock | None":
     with --resume (of its own checkpoint) or replaced with --overwrite. `resume`: the checkpoint a
     resumed run continues (None for a new run); continuing another folder's run into a folder that
     holds a run of its own replaces that run, so it needs --overwrite too. Replacing takes the
-    folder's lock first (a live run there is refused before anything of it is removed) and returns
-    it, held, to the caller."""
+    folder's lock first (a live run there is refused) and returns it, held, to the caller with
+    `replace` set: nothing is removed here. The caller removes the old run (replace_run) only once
+    the new one is sure to start, so a mistake in the new command loses nothing."""
     ckpt = out / "ckpt.pt"
     # a new run may start where a killed one left no checkpoint; a resumed one never mixes with them
     held = [p for p in ((ckpt, out / "metrics.jsonl", out / "eval.json") if resume else (ckpt,)) if p.exists()]
@@ -120,12 +146,16 @@ def check_out_dir(out: Path, resume, overwrite: bool) -> "RunFolderLock | None":
         raise SettingsError(f"{out} already holds a training run ({held[0]}); continue it with --resume "
                             f"--out {out}, or pass --overwrite to start over there")
     lock = RunFolderLock(out)
-    try:
-        _remove_run(out, ckpt)
-    except BaseException:
-        lock.release()
-        raise
+    lock.replace = True
     return lock
+
+
+def replace_run(out: Path, lock: "RunFolderLock | None") -> None:
+    """Remove the run that --overwrite replaces (check_out_dir said so through its lock), once the
+    new run has its data, model and optimizer: only then is the new run sure to start."""
+    if lock is not None and getattr(lock, "replace", False):
+        _remove_run(out, out / "ckpt.pt")
+        lock.replace = False
 
 
 def _remove_run(out: Path, ckpt: Path) -> None:
@@ -192,6 +222,7 @@ class RunFolderLock:
             raise SettingsError(f"{out} is being trained by {holder}; wait for it to end, or give another "
                                 "--out") from None
         self.pid_file = out / self.PID_FILE
+        self.replace = False                      # check_out_dir: the run here goes once the new one starts
         write_private(self.pid_file, f"pid {os.getpid()} on {socket.gethostname()}\n")
 
     def release(self) -> None:
