@@ -143,7 +143,15 @@ def load_rgb(image) -> Image.Image:
 
 
 def _decode(source, what: str) -> Image.Image:
-    """Decode a file or buffer fully (a truncated PNG fails here, not later) and convert to RGB."""
+    """Decode a file or buffer fully (a truncated PNG fails here, not later) and convert to RGB.
+    The container is walked first (image_structure): work, not only pixels, is bounded."""
+    from .image_structure import ImageWorkError, check_structure
+    try:
+        data = source.getvalue() if isinstance(source, io.BytesIO) else _read_file(source, what)
+        check_structure(data, what)
+    except ImageWorkError as e:
+        raise ImageError(str(e)) from None
+    source = io.BytesIO(data)
     try:
         with warnings.catch_warnings():           # the size is checked here, against MAX_PIXELS
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -165,6 +173,14 @@ def _decode(source, what: str) -> Image.Image:
     except Exception as e:                                # any decoder failure is the image's fault
         raise ImageError(f"cannot decode {what}: {type(e).__name__}: {e}") from e
     return _check_size(rgb, what)
+
+
+def _read_file(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ImageError(f"cannot read {what}: {e.strerror or e}") from None
 
 
 def _check_pixels(im: Image.Image, what: str) -> None:

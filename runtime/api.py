@@ -22,7 +22,8 @@ import re
 import time
 from pathlib import Path
 
-from .errors import ImageError, QuestionError
+from .decoding import LARGE_DECODES, LARGE_IMAGE_PIXELS, DecodeRefused, Decoder, image_pixels  # noqa: F401
+from .errors import QuestionError
 
 MAX_BODY = 20 * 2**20               # bytes per request: a 12 MP JPEG fits, a video does not
 MAX_BUFFERED = 256 * 2**20          # body bytes held across all requests at once: past it, a 503
@@ -30,12 +31,6 @@ BODY_SECONDS = 15.0                 # the whole body must arrive within this; a 
 MAX_QUESTION_CHARS = 1000           # the model's token limit decides; this stops megabyte "questions"
 MAX_TOP_K = 100
 MAX_FIELDS = 5
-# Images above this many pixels decode one at a time: a 131 KB PNG can claim 8000 x 8000 16-bit
-# pixels and cost ~0.7 GB and 1.5 s to decode; three at once would triple the memory. Below it
-# (12 MP and less: every camera photo up to 12 MP, every CLEVR render) images decode in parallel.
-LARGE_IMAGE_PIXELS = 12_000_000
-LARGE_DECODES = 1
-LARGE_DECODE_WAIT_S = 60.0          # a large image waiting longer than this for its turn is a 503
 ENDPOINTS = "use POST /answer, GET /healthz, GET /model or GET /stats"
 
 log = logging.getLogger("qgmrn.serve")
@@ -252,17 +247,6 @@ async def read_request(request) -> tuple[bytes, str, int]:
     return await parse_multipart(request.headers, body)
 
 
-def image_pixels(image: bytes) -> int:
-    """Width x height from the image's header (no decoding); 0 when it has none (decoding will
-    then fail with its own message)."""
-    from PIL import Image
-    try:
-        with Image.open(io.BytesIO(image)) as im:
-            return im.width * im.height
-    except Exception:
-        return 0
-
-
 class Answerer:
     """What every engine shares: the model, request checks, decoding, the card and the statistics.
     An engine adds `submit(item) -> dict`, which puts the item in a batch and awaits its answer."""
@@ -272,9 +256,8 @@ class Answerer:
         import runtime
         self.model = model if isinstance(model, runtime.Model) else runtime.load(model)
         self.started = time.time()
-        self.counts = {"answered": 0, "batches": 0, "large_decodes_max": 0}
-        self._large_now = 0
-        self._large: asyncio.Semaphore | None = None
+        self.counts = {"answered": 0, "batches": 0}
+        self.decoder = Decoder()
 
     async def submit(self, item: tuple) -> dict:
         raise NotImplementedError
@@ -292,30 +275,11 @@ class Answerer:
             raise BadRequest(400, str(e)) from None
 
     async def decode(self, image: bytes):
-        """Decode off the event loop (Pillow releases the GIL, so small images decode in parallel);
-        large ones wait for one of LARGE_DECODES turns."""
-        if image_pixels(image) <= LARGE_IMAGE_PIXELS:
-            return await asyncio.to_thread(self._load, image)
-        self._large = self._large or asyncio.Semaphore(LARGE_DECODES)
+        """The image decoded in the engine's decoding threads (runtime.decoding): never on the loop."""
         try:
-            await asyncio.wait_for(self._large.acquire(), LARGE_DECODE_WAIT_S)
-        except asyncio.TimeoutError:
-            raise BadRequest(503, "busy decoding other large images; retry later or send a smaller image") from None
-        self._large_now += 1
-        self.counts["large_decodes_max"] = max(self.counts["large_decodes_max"], self._large_now)
-        try:
-            return await asyncio.to_thread(self._load, image)
-        finally:
-            self._large_now -= 1
-            self._large.release()
-
-    @staticmethod
-    def _load(image: bytes):
-        from qgmrn.preprocess import load_rgb
-        try:
-            return load_rgb(image)
-        except ImageError as e:
-            raise BadRequest(413 if "megapixels" in str(e) else 400, str(e)) from None
+            return await self.decoder.decode(image)
+        except DecodeRefused as e:
+            raise BadRequest(e.status, str(e)) from None
 
     def run_batch(self, items: list) -> list[dict]:
         """The model on one batch of checked items (blocking: engines call it off the event loop)."""
@@ -341,10 +305,12 @@ class Answerer:
 
     def stats(self) -> dict:
         c = self.counts
+        c = {**c, "large_decodes_max": self.decoder.large_max}
         return {**c, "mean_batch": c["answered"] / c["batches"] if c["batches"] else None,
                 "uptime_s": round(time.time() - self.started, 1),
                 "limits": {"max_body": MAX_BODY, "body_seconds": BODY_SECONDS, "large_image_pixels": LARGE_IMAGE_PIXELS,
-                           "large_decodes": LARGE_DECODES}}
+                           "large_decodes": LARGE_DECODES,
+                           "decode_threads": self.decoder.threads}}
 
 
 METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
