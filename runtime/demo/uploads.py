@@ -12,15 +12,19 @@ serving app:
 """
 from __future__ import annotations
 
+import asyncio
+import errno
 import json
 import os
 from pathlib import Path
 
 MAX_KEPT = 256 * 2**20           # bytes all uploads may keep at once
+MAX_FILES = 2000                 # files all uploads may keep at once (a 1x1 PNG is 70 bytes)
 TOKEN = "upload/"                # what a client sees instead of the upload folder's path
 UPLOAD = "/gradio_api/upload"
 CALLS = ("/gradio_api/queue/join", "/gradio_api/call/", "/gradio_api/run/")
 FILE_ROUTE = "/gradio_api/file="
+CONFIGS = ("/config", "/gradio_api/config")     # the page's description: names the examples' files
 MAX_CALL_BODY = 1 * 2**20        # a call names files; it carries no file bytes
 
 
@@ -33,25 +37,33 @@ def _files(root: Path) -> list[Path]:
     return [Path(dirpath, name) for dirpath, _, names in os.walk(root) for name in names]
 
 
-def _folder_bytes(root: Path) -> int:
-    total = 0
+def _folder_usage(root: Path) -> tuple[int, int]:
+    """(bytes, files) that all uploads keep. Walks the folder: call it off the event loop."""
+    total = count = 0
     for path in _files(root):
         try:
             total += os.lstat(path).st_size
+            count += 1
         except OSError:                          # swept meanwhile
             pass
-    return total
+    return total, count
 
 
 def _is_image(path: Path) -> bool:
     """Recognised by content as one of the formats the runtime decodes (a header check; the
     runtime decodes it fully when a question comes)."""
+    import io
+
     from PIL import Image
+
+    from qgmrn.image_structure import check_structure
     from qgmrn.preprocess import FORMATS
     try:
         if not path.is_file() or path.is_symlink():
             return False
-        with Image.open(path, formats=FORMATS):
+        data = path.read_bytes()
+        check_structure(data, path.name)         # bounded work before Pillow walks the file
+        with Image.open(io.BytesIO(data), formats=FORMATS):
             return True
     except Exception:                            # anything Pillow refuses or half-reads
         return False
@@ -68,6 +80,24 @@ def _remove(paths: list[Path], root: Path) -> None:
                 pass
 
 
+def _relative_path(body: bytes) -> str | None:
+    """The first file path in a call's JSON that is neither an upload token nor absolute."""
+    try:
+        todo = [json.loads(body)]
+    except (ValueError, RecursionError):
+        return None                                    # Gradio answers a malformed body itself
+    while todo:
+        item = todo.pop()
+        if isinstance(item, dict):
+            p = item.get("path")
+            if isinstance(p, str) and not p.startswith((TOKEN, "/")) and "://" not in p:
+                return p
+            todo += item.values()
+        elif isinstance(item, list):
+            todo += item
+    return None
+
+
 async def _reply(send, status: int, body) -> None:
     # Gradio's upload route answers its errors in plain text, and the page shows that text
     data, kind = (body["error"].encode(), b"text/plain; charset=utf-8") if isinstance(body, dict) and status >= 400 \
@@ -78,8 +108,8 @@ async def _reply(send, status: int, body) -> None:
 
 
 class UploadGuard:
-    def __init__(self, app, max_kept: int = MAX_KEPT):
-        self.app, self.max_kept = app, max_kept
+    def __init__(self, app, max_kept: int = MAX_KEPT, max_files: int = MAX_FILES):
+        self.app, self.max_kept, self.max_files = app, max_kept, max_files
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -93,6 +123,8 @@ class UploadGuard:
             route = FILE_ROUTE + str(real)
             scope = {**scope, "path": route, "raw_path": route.encode()}
             return await self.app(scope, receive, send)
+        if scope["method"] == "GET" and path in CONFIGS:
+            return await self._config(scope, receive, send)
         if scope["method"] == "POST" and path == UPLOAD:
             return await self._upload(scope, receive, send)
         if scope["method"] == "POST" and any(path.startswith(c) for c in CALLS):
@@ -112,8 +144,18 @@ class UploadGuard:
         root = upload_folder()
         # Gradio names an upload by its content's hash: an identical file kept earlier is the
         # same path, and refusing this upload must not remove it
-        earlier = set(_files(root))
-        await self.app(scope, receive, capture)          # Gradio stores the files (and moves them)
+        earlier = set(await asyncio.to_thread(_files, root))     # nothing that walks or parses runs on the loop
+        try:
+            await self.app(scope, receive, capture)      # Gradio stores the files (and moves them)
+            full = start.get("status") == 500 and b"No space left on device" in b"".join(chunks)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            full = True
+        if full:                                         # the disk, not the model: a 507, and no partial file
+            _remove(sorted(set(await asyncio.to_thread(_files, root)) - earlier), root)
+            return await _reply(send, 507, {"error": "the server's disk is full (no space left for uploads); "
+                                                          "retry later"})
         body = b"".join(chunks)
         if start.get("status") != 200:
             await send(start)
@@ -129,17 +171,40 @@ class UploadGuard:
         if len(inside) != len(stored):
             _remove(new, root)
             return await _reply(send, 500, {"error": "the upload could not be stored"})
-        bad = [p for p in stored if not _is_image(p)]
+        bad = await asyncio.to_thread(lambda: [p for p in stored if not _is_image(p)])
         if bad:
             _remove(new, root)
             from qgmrn.preprocess import FORMATS
             return await _reply(send, 415, {"error": f"the page takes images only ({', '.join(FORMATS)}, "
                                                           f"recognised by content): {bad[0].name[:80]} is not one"})
-        if _folder_bytes(root) > self.max_kept:
+        kept, files = await asyncio.to_thread(_folder_usage, root)
+        if kept > self.max_kept or files > self.max_files:
             _remove(new, root)
-            return await _reply(send, 503, {"error": f"the page keeps at most {self.max_kept // 2**20} MB of "
-                                                          "uploads (each for ten minutes); retry shortly"})
+            return await _reply(send, 503, {"error": f"the page keeps at most {self.max_kept // 2**20} MB and "
+                                                          f"{self.max_files} files of uploads (each for ten minutes); "
+                                                          "retry shortly"})
         await _reply(send, 200, [TOKEN + str(p.relative_to(root)) for p in stored])
+
+    async def _config(self, scope, receive, send):
+        """The page's description with the examples' files named as uploads are (upload/HASH/NAME):
+        no server path; the file route and the calls map the name back."""
+        start: dict = {}
+        chunks: list[bytes] = []
+
+        async def capture(message):
+            if message["type"] == "http.response.start":
+                start.update(message)
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+
+        await self.app(scope, receive, capture)
+        body = b"".join(chunks)
+        encoded = dict(start.get("headers", [])).get(b"content-encoding")
+        if not encoded:
+            body = body.replace(str(upload_folder()).encode() + b"/", TOKEN.encode())
+        headers = [(k, v) for k, v in start.get("headers", []) if k != b"content-length"]
+        await send({**start, "headers": headers + [(b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
 
     async def _call(self, scope, receive, send):
         """A call names its files by the token the upload gave; hand the app the real path."""
@@ -157,6 +222,10 @@ class UploadGuard:
                 break
         real = str(upload_folder()).encode() + b"/"
         body = b"".join(parts)
+        relative = _relative_path(body)
+        if relative is not None:                        # Gradio's own error would name the server's folder
+            return await _reply(send, 400, {"error": f"a call names an uploaded file by what its upload returned "
+                                                          f"({TOKEN}...), not {relative[:60]!r}"})
         for key in (b'"path":"', b'"path": "'):          # a file's path only (JSON.stringify, json.dumps)
             body = body.replace(key + TOKEN.encode(), key + real)
         headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
