@@ -214,6 +214,16 @@ class Model:
                 f.cancel()
         return out
 
+    def _run_graph(self, feeds: dict) -> dict:
+        """The graph on a batch; a batch-1 graph (compact-batch1: its modules are chosen by one
+        question's gates) runs each question alone, with its tokens cut to its length."""
+        n = len(feeds["tokens"])
+        if self.execution != "compact-batch1" or n == 1:
+            return self._runner.run(feeds)
+        rows = [self._runner.run({"image": feeds["image"][i:i + 1], "lengths": feeds["lengths"][i:i + 1],
+                                  "tokens": feeds["tokens"][i:i + 1, :int(feeds["lengths"][i])]}) for i in range(n)]
+        return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+
     def _predict_chunk(self, images, questions, top_k) -> list[Prediction]:
         return self._predict_pixels(None, questions, top_k, images)
 
@@ -222,7 +232,7 @@ class Model:
         tokens, lengths, unknown = encode_batch(self.vocab, questions, self.max_question_len)
         if pixels is None:
             pixels = self._pixels(images)
-        out = self._runner.run({"image": pixels, "tokens": tokens, "lengths": lengths})
+        out = self._run_graph({"image": pixels, "tokens": tokens, "lengths": lengths})
         if not all(np.isfinite(out[k]).all() for k in ("logits", "route_logits")):
             raise ModelError(f"{self.path} produced non-finite outputs (NaN or infinity): its weights are "
                              "broken; re-export a good checkpoint")

@@ -126,3 +126,27 @@ def test_an_execution_the_runtime_does_not_know_is_refused(tiny_bundle, tmp_path
         runtime.Model(bad, backend="onnxruntime")
     legacy = with_metadata(tiny_bundle / "model.onnx", tmp_path / "old.onnx", lambda m: m.pop("execution", None))
     assert runtime.Model(legacy, backend="onnxruntime").execution == "masked"     # exports made before it
+
+
+def test_a_batch1_compact_export_answers_batches_one_question_at_a_time(tiny_checkpoint, real_sample, tmp_path):
+    """Trust round 5, M1: a compact-batch1 graph was handed whole batches and failed every batch of
+    more than one (onnxruntime's InvalidArgument, a 500 from the server). The runtime runs it one
+    question at a time, with the answers and gates of the masked graph."""
+    import runtime
+    from qgmrn.checkpoint import load_checkpoint, model_from_checkpoint
+    from export.onnx_export import build_metadata
+    state = load_checkpoint(tiny_checkpoint)
+    model = model_from_checkpoint(state).eval()
+    meta = build_metadata(state, "0" * 64, "fp32")
+    masked = runtime.Model(export_onnx(model, tmp_path / "masked.onnx", meta), backend="onnxruntime")
+    single = runtime.Model(export_onnx(model, tmp_path / "c1.onnx", meta, compact=True, batch1=True),
+                           backend="onnxruntime")
+    images = [str(p) for p in sorted((real_sample / "images" / "val").glob("*.png"))[:4]]
+    questions = ["How many cubes are there?", "Is there a red sphere?", "What size is the cylinder?",
+                 "Are there more large things than small rubber balls?"]
+    for batch_size in (4, 3):
+        got = single.predict_batch(images, questions, batch_size=batch_size)
+        want = masked.predict_batch(images, questions)
+        assert [p.execution for p in got] == ["compact-batch1"] * 4
+        assert [(p.answer, p.gates) for p in got] == [(p.answer, p.gates) for p in want]
+        assert np.allclose([p.probability for p in got], [p.probability for p in want], atol=1e-5)
