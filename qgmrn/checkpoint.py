@@ -13,6 +13,7 @@ from . import __version__
 from .config import ModelConfig
 from .files import current_umask
 from .model import QGMRN
+from .preprocess import NULL, UNK
 
 FORMAT = "qgmrn-checkpoint"
 FORMAT_VERSION = 1
@@ -68,6 +69,11 @@ def check_fits(state: dict, model, source) -> None:
         raise CheckpointError(f"{source}: its answer list ({len(answers)} answers"
                               f"{', with repeats' if len(set(answers)) != len(answers) else ''}) does not match "
                               f"its classifier ({model.cfg.num_answers} outputs)")
+    vocab = state["vocab"]
+    if not isinstance(vocab, (list, tuple)) or list(vocab[:2]) != [NULL, UNK] or \
+            not all(isinstance(w, str) for w in vocab):
+        raise CheckpointError(f"{source}: its vocabulary is not a list of words starting with {NULL}, {UNK} "
+                              "(a tampered checkpoint)")
     if len(state["vocab"]) != model.cfg.vocab_size:
         raise CheckpointError(f"{source}: its vocabulary ({len(state['vocab'])} words) does not match its "
                               f"embedding ({model.cfg.vocab_size} rows)")
@@ -96,10 +102,33 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         raise CheckpointError(f"{path} has checkpoint format version {state.get('format_version')}; "
                               f"this qgmrn reads version {FORMAT_VERSION}")
     try:
-        ModelConfig.from_dict(state["model_config"])
-    except (TypeError, ValueError, KeyError) as e:
+        cfg = ModelConfig.from_dict(state["model_config"])
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
         raise CheckpointError(f"{path}: its model config does not fit this qgmrn version: {e}") from e
+    _check_shapes(path, cfg, state.get("model"))
     return state
+
+
+MAX_IMAGE_SIZE = 2048       # input side; the paper's is 224: a claim of 10^6 would allocate terabytes
+
+
+def _check_shapes(path, cfg: ModelConfig, weights) -> None:
+    """The config's sizes must be the stored weights' sizes, checked before anything is allocated:
+    the model is built on the meta device (shapes only), so a config that claims 10^10 words or
+    10^5 channels costs nothing and is refused in one line."""
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise CheckpointError(f"{path}: its weights are not a set of tensors (a tampered checkpoint)")
+    if cfg.image_size > MAX_IMAGE_SIZE:
+        raise CheckpointError(f"{path}: its model config claims {cfg.image_size} px images; at most "
+                              f"{MAX_IMAGE_SIZE} are supported (a tampered checkpoint?)")
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in QGMRN(cfg).state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in weights.items()}
+    if expected != got:
+        name = next((k for k in expected if expected[k] != got.get(k)), None) or next(k for k in got if k not in expected)
+        raise CheckpointError(f"{path}: its model config does not match its weights ({name}: the config makes "
+                              f"{expected.get(name, 'nothing')}, the file holds {got.get(name, 'nothing')}); "
+                              "a tampered or foreign checkpoint")
 
 
 def model_from_checkpoint(state: dict) -> QGMRN:
