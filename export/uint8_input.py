@@ -72,6 +72,27 @@ def convert(src: str | Path, dst: str | Path) -> Path:
     return Path(dst)
 
 
+def _fail(text: str, code: int = 2) -> int:
+    print(f"error: {text}", file=sys.stderr)
+    return code
+
+
+def _same_answers(src: Path, data: bytes, images: list[str]) -> bool:
+    """Both graphs answer 'How many objects are there?' about each image alike; the new graph is
+    read from a private temporary copy, so nothing is written at dst before it is proven."""
+    import tempfile
+
+    import runtime
+    with tempfile.TemporaryDirectory(prefix="qgmrn-uint8-") as tmp:
+        candidate = Path(tmp) / "model.onnx"
+        candidate.write_bytes(data)
+        before = runtime.Model(src, backend="onnxruntime")
+        after = runtime.Model(candidate, backend="onnxruntime")
+        q = ["How many objects are there?"] * len(images)
+        p0, p1 = before.predict_batch(images, q), after.predict_batch(images, q)
+    return all(x.answer == y.answer and x.gates == y.gates and x.probability == y.probability for x, y in zip(p0, p1))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m export.uint8_input", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -79,37 +100,47 @@ def main(argv=None) -> int:
     ap.add_argument("dst", help="where the uint8-input graph goes")
     ap.add_argument("--check", nargs="*", default=[], metavar="IMAGE",
                     help="images to prove it on: both graphs answer 'How many objects are there?' alike")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing dst")
     a = ap.parse_args(argv)
     try:
         import onnx
     except ImportError:
-        print("error: converting needs the onnx package: pip install 'qgmrn[train]'", file=sys.stderr)
-        return 2
+        return _fail("converting needs the onnx package: pip install -e '.[train]'")
+    from qgmrn.files import write_atomic
+    from qgmrn.preprocess import ImageError, load_rgb
+    from runtime.errors import ModelError
     src, dst = Path(a.src), Path(a.dst)
     if not src.is_file():
-        print(f"error: {src} is not a file", file=sys.stderr)
-        return 2
+        return _fail(f"{src} is not a file")
     if dst.resolve() == src.resolve():
-        print("error: write the uint8 graph to another file than its source", file=sys.stderr)
-        return 2
+        return _fail("write the uint8 graph to another file than its source")
+    if dst.exists() and not a.overwrite:
+        return _fail(f"{dst} already exists; pass --overwrite to replace it")
+    for image in a.check:                          # every check image is usable before any work
+        try:
+            load_rgb(image)
+        except ImageError as e:
+            return _fail(f"--check: {e}")
     try:
-        convert(src, dst)
-    except (ValueError, OSError, onnx.checker.ValidationError) as e:
-        print(f"error: {src}: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        return 2
+        proto = onnx.load(str(src))
+    except Exception as e:                         # protobuf's DecodeError and friends: not an ONNX file
+        return _fail(f"{src} is not an ONNX model ({type(e).__name__}); give an exported .onnx graph")
+    try:
+        data = to_uint8_input(proto).SerializeToString()
+    except (ValueError, onnx.checker.ValidationError) as e:
+        return _fail(f"{src}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     if a.check:
-        import runtime
-        before = runtime.Model(src, backend="onnxruntime")
-        after = runtime.Model(dst, backend="onnxruntime")
-        q = ["How many objects are there?"] * len(a.check)
-        p0, p1 = before.predict_batch(a.check, q), after.predict_batch(a.check, q)
-        same = all(x.answer == y.answer and x.gates == y.gates and x.probability == y.probability
-                   for x, y in zip(p0, p1))
+        try:
+            same = _same_answers(src, data, a.check)
+        except (ModelError, ImageError) as e:
+            return _fail(f"--check: {str(e).splitlines()[0]}")
         if not same:
-            dst.unlink(missing_ok=True)
-            print("error: the uint8 graph does not answer as its source; nothing was written", file=sys.stderr)
-            return 1
+            return _fail(f"the uint8 graph does not answer as its source; nothing was written to {dst}", 1)
         print(f"checked on {len(a.check)} images: identical answers, probabilities and gates")
+    try:
+        write_atomic(dst, data)
+    except OSError as e:
+        return _fail(f"cannot write {dst}: {e.strerror or e}")
     print(f"wrote {dst} (image input: uint8, (batch, S, S, 3))")
     return 0
 

@@ -49,3 +49,26 @@ def test_an_image_input_the_runtime_does_not_know_is_refused(tiny_bundle, tmp_pa
     bad = with_metadata(tiny_bundle / "model.onnx", tmp_path / "bad.onnx", lambda m: m.update(image_input="rgb565"))
     with pytest.raises(runtime.ModelError, match="image input 'rgb565'"):
         runtime.Model(bad, backend="onnxruntime")
+
+
+def test_mistakes_in_a_conversion_are_one_line_and_write_nothing(tiny_bundle, tiny_checkpoint, real_sample, tmp_path,
+                                                                 capsys):
+    """Trust round 5 (M6, m1): a text file or a checkpoint as the source, a missing or non-image
+    --check file, and an existing destination without --overwrite: one line, exit 2, no traceback,
+    and nothing written or replaced."""
+    src, dst = tiny_bundle / "model.onnx", tmp_path / "u8.onnx"
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello")
+    image = str(sorted((real_sample / "images" / "val").glob("*.png"))[0])
+    for args, words in (([str(notes), str(dst)], "is not an ONNX model"),
+                        ([str(tiny_checkpoint), str(dst)], "is not an ONNX model"),
+                        ([str(src), str(dst), "--check", str(tmp_path / "none.png")], "image file not found"),
+                        ([str(src), str(dst), "--check", str(notes)], "cannot decode")):
+        assert convert_main(args) == 2
+        err = capsys.readouterr().err
+        assert words in err and len(err.strip().splitlines()) == 1 and not dst.exists(), err
+    dst.write_bytes(b"the user's file")
+    assert convert_main([str(src), str(dst)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and dst.read_bytes() == b"the user's file"
+    assert convert_main([str(src), str(dst), "--check", image, "--overwrite"]) == 0
+    assert runtime.Model(dst, backend="onnxruntime").image_input == "uint8-nhwc"
