@@ -168,7 +168,7 @@ def main(argv=None) -> int:
         from runtime.openvino_backend import cpu_has_bf16
         kinds += ["openvino-f32"] + (["openvino-bf16", "ov-bf16-unmerged"] if cpu_has_bf16(openvino.Core()) else [])
     except ImportError:
-        print("OpenVINO is not installed: no OpenVINO rows (pip install 'qgmrn[openvino]')")
+        print("OpenVINO is not installed: no OpenVINO rows (pip install -e '.[openvino]')")
     for kind in kinds:
         out = subprocess.run([sys.executable, __file__, "--worker", kind, "--bundle", str(tmp / "bundle"),
                               "--checkpoint", ckpt, "--iters", str(a.iters)], env=env, capture_output=True, text=True)

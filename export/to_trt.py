@@ -55,7 +55,7 @@ def main(argv=None) -> int:
             publish(staged.stage, staged.out)
             print(f"wrote and verified the ONNX bundle {staged.out}, but built no TensorRT engine:\n  - "
                   + "\n  - ".join(missing)
-                  + "\nOn a machine with an NVIDIA GPU: pip install 'qgmrn[gpu]', then run this command again "
+                  + "\nOn a machine with an NVIDIA GPU: pip install -e '.[gpu]', then run this command again "
                   "(or serve the .onnx with onnxruntime-gpu; see README, GPU install).", file=sys.stderr)
             return EXIT_NO_TENSORRT
         from runtime.trt_engine import trt_major

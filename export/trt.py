@@ -34,7 +34,7 @@ def missing_requirements() -> list[str]:
     try:
         import tensorrt  # noqa: F401
     except ImportError:
-        missing.append("TensorRT is not installed: pip install 'qgmrn[gpu]' (TensorRT 10 or 11 wheels, "
+        missing.append("TensorRT is not installed: pip install -e '.[gpu]' (TensorRT 10 or 11 wheels, "
                        "NVIDIA driver required)")
     try:
         import torch

@@ -15,7 +15,7 @@ Writes to --out:
   questions, beside the image (Figure 4): --image and --question, or the first val image and its
   questions.
 - execution_ratio.png: module execution ratio per layer (Figure 3), as `evaluate --plots`.
-Needs matplotlib and scikit-learn: pip install 'qgmrn[analysis]'.
+Needs matplotlib and scikit-learn: pip install -e '.[analysis]'.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def _require():
         except ImportError:
             missing.append(pkg)
     if missing:
-        raise RuntimeError(f"qgmrn.analyze needs {' and '.join(missing)}: pip install 'qgmrn[analysis]'")
+        raise RuntimeError(f"qgmrn.analyze needs {' and '.join(missing)}: pip install -e '.[analysis]'")
 
 
 def stage_slices(cfg) -> list[slice]:

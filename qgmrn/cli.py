@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 from . import __version__
 
-TORCH = "pip install torch==2.13.0 && pip install 'qgmrn[train]'"
+TORCH = "pip install torch==2.13.0 && pip install -e '.[train]'"
 
 
 class Command(NamedTuple):
@@ -40,16 +40,16 @@ COMMANDS: dict[str, Command] = {
                                        "parity proven", TRAIN),
     "export-onnx": Command("export.to_onnx", "checkpoint -> ONNX bundle with parity rows, no TensorRT", TRAIN),
     "export-uint8": Command("export.uint8_input", "ONNX graph -> one that takes uint8 pixels (bytes in)",
-                           (("onnx", "pip install 'qgmrn[train]'"),)),
+                           (("onnx", "pip install -e '.[train]'"),)),
     "benchmark": Command("export.benchmark", "latency of the exported model per backend beside PyTorch", TRAIN),
     "answer": Command("runtime", "answer a question about an image (torch-free runtime)"),
     "serve": Command("runtime.serve", "the HTTP API (and the demo page) on a local engine or Ray Serve",
-                     (("fastapi", "pip install 'qgmrn[serve]'"), ("uvicorn", "pip install 'qgmrn[serve]'"))),
+                     (("fastapi", "pip install -e '.[serve]'"), ("uvicorn", "pip install -e '.[serve]'"))),
     "demo": Command("runtime.demo", "the browser demo that shows which modules a question switches on",
-                    (("fastapi", "pip install 'qgmrn[demo]'"), ("gradio", "pip install 'qgmrn[demo]'"))),
+                    (("fastapi", "pip install -e '.[demo]'"), ("gradio", "pip install -e '.[demo]'"))),
     "analyze": Command("qgmrn.analyze", "the paper's analyses: routing t-SNE, saliency, execution ratios",
-                       (*TRAIN, ("matplotlib", "pip install 'qgmrn[analysis]'"),
-                        ("sklearn", "pip install 'qgmrn[analysis]'"))),
+                       (*TRAIN, ("matplotlib", "pip install -e '.[analysis]'"),
+                        ("sklearn", "pip install -e '.[analysis]'"))),
     "ablate": Command("qgmrn.ablate", "the paper's module-removal ablation on a checkpoint", TRAIN),
 }
 # What `qgmrn --version` lists beside qgmrn (distribution names)
@@ -99,7 +99,7 @@ def missing(cmd: Command) -> str | None:
     """The install line for the first module `cmd` needs that is not importable, or None."""
     for module, install in cmd.needs:
         if importlib.util.find_spec(module) is None:
-            return f"{module} is not installed: {install}"
+            return f"{module}, which is not installed: {install}"
     return None
 
 

@@ -111,7 +111,7 @@ def write_plots(result: dict, out_dir: str | Path, metrics_file: str | Path | No
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
-        raise RuntimeError("--plots needs matplotlib: pip install 'qgmrn[plots]'") from e
+        raise RuntimeError("--plots needs matplotlib: pip install -e '.[plots]'") from e
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -192,7 +192,7 @@ def main(argv=None) -> int:
         if a.plots:
             import importlib.util
             if importlib.util.find_spec("matplotlib") is None:
-                raise DataError("--plots needs matplotlib: pip install 'qgmrn[plots]'")
+                raise DataError("--plots needs matplotlib: pip install -e '.[plots]'")
         state = load_checkpoint(a.checkpoint)
         model = model_from_checkpoint(state)
         check_fits(state, model, a.checkpoint)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-INSTALL = {"torch": "pip install torch==2.13.0 && pip install 'qgmrn[train]'"}
+INSTALL = {"torch": "pip install torch==2.13.0 && pip install -e '.[train]'"}
 
 
 def require(module: str, command: str, cli_only: bool = False) -> None:

@@ -62,7 +62,7 @@ class TensorRTRunner:
             self._runner = TrtRunner(path)
         except ImportError as e:
             raise ModelError(f"{path} is a TensorRT engine, but TensorRT or cuda-python is not installed "
-                             f"({e}); pip install 'qgmrn[gpu]', or load the bundle's model.onnx") from e
+                             f"({e}); pip install -e '.[gpu]', or load the bundle's model.onnx") from e
         self.name = f"TensorRT {self._runner.info['tensorrt_version']} on {self._runner.info['gpu_name']}"
         self.metadata = parse_metadata(json.dumps(self._runner.metadata), path)
 

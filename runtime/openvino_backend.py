@@ -131,7 +131,7 @@ class OpenVINORunner:
         try:
             import openvino as ov
         except ImportError as e:
-            raise ModelError("backend 'openvino' needs OpenVINO: pip install 'qgmrn[openvino]'") from e
+            raise ModelError("backend 'openvino' needs OpenVINO: pip install -e '.[openvino]'") from e
         core = ov.Core()
         visual_precision = "bf16" if precision in ("auto", "bf16") and cpu_has_bf16(core) else "f32"
         if precision == "bf16" and visual_precision != "bf16":

@@ -8,12 +8,41 @@ deadline (runtime.api.BodyLimit).
 """
 from __future__ import annotations
 
+import math
 import os
+from collections import OrderedDict
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-HEADER_SECONDS = float(os.environ.get("QGMRN_HEADER_SECONDS", "10"))
+HEADER_ENV = "QGMRN_HEADER_SECONDS"
+
+
+def header_seconds(default: float = 10.0) -> float:
+    """HEADER_ENV as a positive number of seconds; ValueError in one line for anything else."""
+    raw = os.environ.get(HEADER_ENV)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{HEADER_ENV}={raw[:20]!r} is not a positive number of seconds")
+    return value
+
+
+try:
+    HEADER_SECONDS = header_seconds()
+except ValueError:                   # runtime.serve.main names the problem before it serves
+    HEADER_SECONDS = 10.0
 MAX_CONNECTIONS = 400               # uvicorn answers 503 past this many connections and tasks at once
+# uvicorn counts every open connection against MAX_CONNECTIONS, also those that have sent nothing:
+# 420 silent sockets locked every client out. Connections still waiting for their headers are
+# capped at MAX_PENDING; past it the one that has waited longest is closed (an honest client sends
+# its headers within milliseconds of connecting, so it is never the oldest), and there is always
+# room for connections that ask something.
+MAX_PENDING = MAX_CONNECTIONS // 2
+_PENDING: "OrderedDict[int, HeaderDeadline]" = OrderedDict()     # this process's, oldest first
 
 
 class HeaderDeadline(HttpToolsProtocol):
@@ -22,14 +51,19 @@ class HeaderDeadline(HttpToolsProtocol):
     def _arm(self) -> None:
         if self._header_timer is None:
             self._header_timer = self.loop.call_later(HEADER_SECONDS, self._headers_late)
+            _PENDING[id(self)] = self
+            while len(_PENDING) > MAX_PENDING:
+                _, oldest = _PENDING.popitem(last=False)
+                oldest._headers_late()
 
     def _disarm(self) -> None:
+        _PENDING.pop(id(self), None)
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
 
     def _headers_late(self) -> None:
-        self._header_timer = None
+        self._disarm()
         if not self.transport.is_closing():
             self.transport.close()
 

@@ -1,6 +1,6 @@
 """Answers over HTTP: one app (runtime.api), served in this process or on Ray Serve.
 
-    pip install 'qgmrn[serve]'                    # add [demo] for the browser page at /
+    pip install -e '.[serve]'                    # add [demo] for the browser page at /
     python -m runtime.serve [--engine local|ray] [--model PATH] [--host 127.0.0.1] [--port 8000]
                             [--max-batch 16] [--batch-wait-ms 5] [--replicas N] [--address HOST:PORT]
     serve run runtime.serve:build_app model=PATH replicas=2     # Ray's own CLI and config files
@@ -17,6 +17,7 @@ stop taking connections, answer what is in flight, stop ("stopped", exit 0).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import ipaddress
 import math
 import os
@@ -43,7 +44,7 @@ def _import_ray():
         import ray
         from ray import serve
     except ImportError as e:
-        raise SystemExit("error: --engine ray needs Ray Serve: pip install 'qgmrn[serve]'") from e
+        raise SystemExit("error: --engine ray needs Ray Serve: pip install -e '.[ray]'") from e
     return ray, serve
 
 
@@ -121,13 +122,18 @@ def listeners(host: str, port: int) -> int | None:
     return count if seen else None
 
 
-def check_sole_listener(host: str, port: int) -> None:
-    """Ray's proxy binds with port sharing: a program that bound the port with sharing too between
-    our check and the proxy's start would take some of the requests. Refuse such a start."""
+LISTENER_CHECK_S = 1.0              # how often the Ray engine looks for a listener sharing its port
+
+
+def check_sole_listener(host: str, port: int, when: str = "") -> None:
+    """Ray's proxy binds with port sharing: a program that binds the port with sharing too (between
+    our check and the proxy's start, or later) would take some of the requests. Refuse to start, or
+    stop serving, with one line."""
     n = listeners(host, port)
     if n is not None and n > 1:
-        raise SystemExit(f"error: another program listens on {host}:{port} beside Ray's proxy and would take "
-                         "some of the requests; stop it or choose another --port")
+        raise SystemExit(f"error: another program {when + ' and ' if when else ''}listens on {host}:{port} beside "
+                         "Ray's proxy and would take some of the requests; "
+                         + ("stopped serving" if when else "stop it or choose another --port"))
 
 
 def check_address(address: str, seconds: float = 5.0) -> None:
@@ -213,22 +219,12 @@ def serve_local(a, model, stop: Stop) -> None:
 
 
 def start_ray_on_loopback(ray) -> None:
-    """Start a one-machine Ray whose own services (GCS, raylet, workers, agents) listen on 127.0.0.1.
-    Ray binds them to the node's IP, or to every interface when that IP is not loopback, and
-    ray.init deliberately turns a loopback node IP into the machine's routable one (for clusters);
-    a server bound to loopback must not expose Ray's unauthenticated ports, so that one conversion
-    is skipped here. Checked after start: the node's IP must be loopback."""
-    from ray._private import services
+    """qgmrn.ray_loopback's one-machine Ray on 127.0.0.1, with the replicas' gRPC servers on
+    loopback too (engines.py reads LOOPBACK_ENV in each replica)."""
+    from qgmrn.ray_loopback import start_ray_on_loopback as start
     from .engines import LOOPBACK_ENV
-    os.environ[LOOPBACK_ENV] = "1"                  # the replicas' own gRPC servers too (engines.py)
-    resolve = services.resolve_ip_for_localhost
-    services.resolve_ip_for_localhost = lambda host: host
-    try:
-        ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False, _node_ip_address="127.0.0.1")
-    finally:
-        services.resolve_ip_for_localhost = resolve
-    if ray.util.get_node_ip_address() != "127.0.0.1":
-        print(f"warning: Ray's services listen on {ray.util.get_node_ip_address()}, not loopback", file=sys.stderr)
+    os.environ[LOOPBACK_ENV] = "1"
+    start(ray)
 
 
 def serve_ray(a, model, stop: Stop) -> None:
@@ -263,8 +259,12 @@ def serve_ray(a, model, stop: Stop) -> None:
         if not stop:
             print(f"serving {a.model} on http://{a.host}:{a.port} (Ray engine, {a.replicas} replica(s), batches of "
                   f"up to {a.max_batch}, {a.batch_wait_ms:g} ms wait); Ctrl-C stops", flush=True)
+        checked = time.monotonic()
         while not stop:
             time.sleep(0.2)
+            if time.monotonic() - checked >= LISTENER_CHECK_S:    # a listener that joins later
+                checked = time.monotonic()
+                check_sole_listener(a.host, a.port, "joined")
         serve.delete("qgmrn")                   # replicas answer what they hold before they go
     finally:
         serve.shutdown()
@@ -276,6 +276,9 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     import runtime
     try:
+        if importlib.util.find_spec("uvicorn") is not None:
+            from .protocol import header_seconds
+            header_seconds()                        # a bad QGMRN_HEADER_SECONDS: one line, before any server
         model = runtime.load(a.model)           # a bad --model fails here, in one line, before any server
     except (ModelError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

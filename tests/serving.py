@@ -19,8 +19,8 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 HAVE = {"local": all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn", "python_multipart")),
         "ray": all(importlib.util.find_spec(m) for m in ("fastapi", "ray", "python_multipart"))}
-WHY = {"local": "the serve extra is not installed (pip install 'qgmrn[serve]')",
-       "ray": "Ray Serve is not installed (pip install 'qgmrn[ray]')"}
+WHY = {"local": "the serve extra is not installed (pip install -e '.[serve]')",
+       "ray": "Ray Serve is not installed (pip install -e '.[ray]')"}
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}
 
 

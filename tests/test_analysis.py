@@ -11,8 +11,8 @@ from qgmrn.data.sources import load_clevr
 from qgmrn.model import QGMRN
 from qgmrn.preprocess import Vocab, encode_batch
 
-pytest.importorskip("sklearn", reason="needs scikit-learn: pip install 'qgmrn[analysis]'")
-pytest.importorskip("matplotlib", reason="needs matplotlib: pip install 'qgmrn[analysis]'")
+pytest.importorskip("sklearn", reason="needs scikit-learn: pip install -e '.[analysis]'")
+pytest.importorskip("matplotlib", reason="needs matplotlib: pip install -e '.[analysis]'")
 
 
 def test_analyze_writes_figures_and_numbers(tiny_checkpoint, tiny_data, tmp_path):
@@ -64,7 +64,7 @@ def test_analyze_without_its_extras_says_what_to_install(tiny_checkpoint, tmp_pa
                         lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name)) if name == "sklearn"
                         else real(name, *a, **k))
     assert analyze_main([str(tiny_checkpoint), "--out", str(tmp_path / "x")]) == 2
-    assert "pip install 'qgmrn[analysis]'" in capsys.readouterr().err
+    assert "pip install -e '.[analysis]'" in capsys.readouterr().err
 
 
 def test_ablation_grid_runs_two_rows_and_resumes(tiny_data, tmp_path, capsys):

@@ -22,7 +22,7 @@ def _feeds(model, samples):
 
 
 def test_openvino_keeps_routing_float32_and_answers_like_onnxruntime(bundle, tiny_data, real_sample):
-    pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'qgmrn[openvino]')")
+    pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install -e '.[openvino]')")
     ov = runtime.load(bundle, backend="openvino")
     ref = runtime.load(bundle, backend="cpu")
     assert ov.backend.startswith("OpenVINO") and "routing f32" in ov.backend

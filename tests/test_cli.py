@@ -50,10 +50,10 @@ def test_a_subcommand_without_its_extra_says_which_in_one_line(monkeypatch, caps
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n in ("torch", "gradio") else real(n, *a))
     assert main(["train", "--steps", "1"]) == 2
-    assert capsys.readouterr().err.strip() == ("error: qgmrn train needs torch is not installed: "
-                                               "pip install torch==2.13.0 && pip install 'qgmrn[train]'")
+    assert capsys.readouterr().err.strip() == ("error: qgmrn train needs torch, which is not installed: "
+                                               "pip install torch==2.13.0 && pip install -e '.[train]'")
     assert main(["demo"]) == 2
-    assert "pip install 'qgmrn[demo]'" in capsys.readouterr().err
+    assert "pip install -e '.[demo]'" in capsys.readouterr().err
 
 
 def test_unknown_subcommand_and_no_subcommand_exit_2(capsys):

@@ -27,10 +27,10 @@ def test_without_gradio_the_demo_says_what_to_install(tmp_path):
     hide.write_text("import sys\nsys.modules['gradio'] = None\n")
     r = subprocess.run([sys.executable, "-m", "runtime.demo"], capture_output=True, text=True, timeout=60,
                        env={**ENV, "PYTHONPATH": f"{tmp_path}:{ENV['PYTHONPATH']}"})
-    assert r.returncode == 2 and r.stderr.strip() == "error: the demo needs Gradio: pip install 'qgmrn[demo]'"
+    assert r.returncode == 2 and r.stderr.strip() == "error: the demo needs Gradio: pip install -e '.[demo]'"
 
 
-@pytest.mark.skipif(not (HAVE["local"] and HAVE_GRADIO), reason="the demo extra is not installed (pip install 'qgmrn[demo]')")
+@pytest.mark.skipif(not (HAVE["local"] and HAVE_GRADIO), reason="the demo extra is not installed (pip install -e '.[demo]')")
 def test_the_examples_and_the_routing_picture():
     from runtime.demo import examples, routing_picture
     rows = examples()
@@ -44,7 +44,7 @@ def test_the_examples_and_the_routing_picture():
 @pytest.fixture(scope="module")
 def browser():
     if not (HAVE["local"] and HAVE_GRADIO):
-        pytest.skip("the demo extra is not installed (pip install 'qgmrn[demo]')")
+        pytest.skip("the demo extra is not installed (pip install -e '.[demo]')")
     if CHROMIUM is None or DRIVER is None or importlib.util.find_spec("selenium") is None:
         pytest.skip("no headless browser: apt-get install chromium chromium-driver; pip install selenium")
     from selenium import webdriver
@@ -116,7 +116,7 @@ def test_the_page_answers_a_real_image_as_runtime_answer_and_survives_a_non_imag
     assert proc.poll() is None, output(proc)
 
 
-@pytest.mark.skipif(not (HAVE["local"] and HAVE_GRADIO), reason="the demo extra is not installed (pip install 'qgmrn[demo]')")
+@pytest.mark.skipif(not (HAVE["local"] and HAVE_GRADIO), reason="the demo extra is not installed (pip install -e '.[demo]')")
 @pytest.mark.parametrize("make, question, message", [
     (lambda d: None, QUESTION, "give an image"),
     (lambda d: d / "notes.png", QUESTION, "not an image format"),

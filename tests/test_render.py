@@ -19,7 +19,7 @@ from qgmrn.data import clevr_world as world
 from qgmrn.data.generate import main as generate_main
 
 needs_bpy = pytest.mark.skipif(importlib.util.find_spec("bpy") is None,
-                               reason="bpy not installed (pip install 'qgmrn[render]')")
+                               reason="bpy not installed (pip install -e '.[render]')")
 TINY = ["--renderer", "blender", "--size", "64", "43", "--samples", "4", "--questions", "3"]
 
 
@@ -28,7 +28,7 @@ def test_without_bpy_one_line_says_what_to_install(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bpy" else real_find_spec(name, *a))
     assert generate_main(["--out", str(tmp_path / "d"), "--images", "2", *TINY]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "pip install 'qgmrn[render]'" in err[0]
+    assert len(err) == 1 and "pip install -e '.[render]'" in err[0]
 
 
 def test_directions_and_pixel_coords_match_real_clevr(real_sample):

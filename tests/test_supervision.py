@@ -88,7 +88,7 @@ def test_scene_and_where_losses_train_and_resume_exactly(source, tiny_data, real
     assert all(r["scene_loss"] > 0 and r["where_loss"] > 0 for r in steps)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("bpy") is None, reason="bpy not installed (pip install 'qgmrn[render]')")
+@pytest.mark.skipif(importlib.util.find_spec("bpy") is None, reason="bpy not installed (pip install -e '.[render]')")
 def test_scene_and_where_losses_train_on_rendered_data(tmp_path):
     from qgmrn.data.generate import main as generate_main
     data = tmp_path / "rendered"

@@ -55,7 +55,7 @@ def test_lock_and_pid_files_never_write_through_a_planted_symlink(tiny_data, tin
 
 
 # -- 2, 3: the renderer's temp file; study tools read weights only -------------------------------
-@pytest.mark.skipif(importlib.util.find_spec("bpy") is None, reason="bpy not installed (pip install 'qgmrn[render]')")
+@pytest.mark.skipif(importlib.util.find_spec("bpy") is None, reason="bpy not installed (pip install -e '.[render]')")
 def test_the_visibility_render_never_writes_through_a_planted_symlink(tmp_path, monkeypatch):
     import random
     import tempfile
@@ -384,7 +384,7 @@ def test_benchmark_errors_are_one_line(tmp_path, monkeypatch, capsys):
 TINY_BLENDER = ["--renderer", "blender", "--size", "64", "43", "--samples", "2", "--questions", "3",
                 "--val-images", "1"]
 needs_bpy = pytest.mark.skipif(importlib.util.find_spec("bpy") is None,
-                               reason="bpy not installed (pip install 'qgmrn[render]')")
+                               reason="bpy not installed (pip install -e '.[render]')")
 
 
 @needs_bpy

@@ -10,14 +10,14 @@ import pytest
 
 HAVE_DEMO = all(importlib.util.find_spec(m) is not None for m in ("gradio", "fastapi", "httpx"))
 QUESTION = "How many cylinders are there?"
-needs_demo = pytest.mark.skipif(not HAVE_DEMO, reason="the demo extra is not installed (pip install 'qgmrn[demo]')")
+needs_demo = pytest.mark.skipif(not HAVE_DEMO, reason="the demo extra is not installed (pip install -e '.[demo]')")
 
 
 @pytest.fixture(scope="module")
 def demo_client():
     """The serving app with the page at /, in this process, as a client reaches it over HTTP."""
     if not HAVE_DEMO:
-        pytest.skip("the demo extra is not installed (pip install 'qgmrn[demo]')")
+        pytest.skip("the demo extra is not installed (pip install -e '.[demo]')")
     from fastapi.testclient import TestClient
     from runtime.engines import LocalEngine, build_asgi
     with TestClient(build_asgi(LocalEngine("builtin"))) as client:

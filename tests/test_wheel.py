@@ -101,7 +101,7 @@ def test_the_installed_wheel_answers_without_torch(env, tmp_path):
     assert version.returncode == 0 and version.stdout.startswith("qgmrn ") and "torch" not in version.stdout
     train = _run(env, "qgmrn", "train", cwd=tmp_path)
     assert train.returncode == 2 and train.stderr.strip().splitlines() == [
-        "error: qgmrn train needs torch is not installed: pip install torch==2.13.0 && pip install 'qgmrn[train]'"]
+        "error: qgmrn train needs torch, which is not installed: pip install torch==2.13.0 && pip install -e '.[train]'"]
 
 
 @pytest.mark.slow

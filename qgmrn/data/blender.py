@@ -1,5 +1,5 @@
 """CLEVR scenes rendered by Blender (Cycles on the CPU), built in code from clevr_world's numbers:
-no downloaded assets. Needs the `render` extra (`pip install 'qgmrn[render]'`, which brings bpy).
+no downloaded assets. Needs the `render` extra (`pip install -e '.[render]'`, which brings bpy).
 
     renderer = BlenderRenderer(width=128, height=85, samples=16)
     renderer.visible_pixels(layout)     # pixels each object shows (CLEVR's visibility check)
@@ -22,7 +22,7 @@ from PIL import Image
 
 from . import clevr_world as world
 
-INSTALL_HINT = "the Blender renderer needs bpy: pip install 'qgmrn[render]' (Python 3.11)"
+INSTALL_HINT = "the Blender renderer needs bpy: pip install -e '.[render]' (Python 3.11)"
 # Calibrated against the real sample (study/render_fidelity.py; 8 scenes at 120 x 80 and 240 x 160):
 GROUND_ALBEDO = 0.47      # with LIGHT_SCALE: the floor's brightness and its fall-off to the back
 CUBE_SCALE, CUBE_BEVEL = 1.0, 0.12       # 0.9 or 0.8, or a rounder bevel (0.25), re-render worse

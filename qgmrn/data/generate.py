@@ -7,7 +7,7 @@
 Writes DIR/images/{train,val}/CLEVR_{split}_{i:06d}.png, DIR/scenes/CLEVR_{split}_scenes.json and
 DIR/questions/CLEVR_{split}_questions.json. Deterministic for a seed. The default renderer draws
 480x320 scenes with Pillow in seconds; `--renderer blender` renders CLEVR's world with Cycles
-(needs `pip install 'qgmrn[render]'`; hours for tens of thousands of images, resumable: rerun
+(needs `pip install -e '.[render]'`; hours for tens of thousands of images, resumable: rerun
 the same command after an interruption).
 """
 from __future__ import annotations

@@ -9,10 +9,11 @@ place, then the record), so the dataset is the one a single machine makes with t
 every finished image. A task whose worker or node dies is run again by Ray (max_retries); Ctrl-C or
 SIGTERM stops handing out images, keeps those that come back, and exits non-zero.
 
-Every node needs `pip install 'qgmrn[render]'` (bpy is Python 3.11 only), the same version as here.
+Every node needs `pip install -e '.[render]'` (bpy is Python 3.11 only), the same version as here.
 """
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -47,12 +48,16 @@ def render_on_ray(out: Path, todo: list, settings: dict, address: str, log) -> i
     try:
         import ray
     except ImportError as e:
-        raise RuntimeError("--ray needs Ray: pip install 'qgmrn[ray]' (on every node: 'qgmrn[render,ray]')") from e
+        raise RuntimeError("--ray needs Ray: pip install -e '.[ray]' (on every node: pip install -e '.[render,ray]')") from e
     started = not ray.is_initialized()
     if started:
         try:
-            ray.init(address=address or None, include_dashboard=False, log_to_driver=False,
-                     logging_level="ERROR", configure_logging=False)
+            if not (address or os.environ.get("RAY_ADDRESS")):   # a local Ray: its ports on loopback only
+                from ..ray_loopback import start_ray_on_loopback
+                start_ray_on_loopback(ray, configure_logging=False)
+            else:
+                ray.init(address=address or None, include_dashboard=False, log_to_driver=False,
+                         logging_level="ERROR", configure_logging=False)
         except (ConnectionError, ValueError, RuntimeError) as e:
             raise RuntimeError(f"cannot reach the Ray cluster {address or '(RAY_ADDRESS or local)'}: "
                                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e

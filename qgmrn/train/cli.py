@@ -54,8 +54,13 @@ def parse_args(argv=None):
                 data = json.loads(Path(a.config).read_text())
             except OSError as e:
                 raise SettingsError(f"--config {a.config}: {e.strerror or e}") from e
+            except UnicodeDecodeError:
+                raise SettingsError(f"--config {a.config}: not a JSON text file (a checkpoint continues with "
+                                    "--resume --out RUN, or starts a new run with --init-from)") from None
             except json.JSONDecodeError as e:
                 raise SettingsError(f"--config {a.config}: not valid JSON ({e})") from e
+            except RecursionError:
+                raise SettingsError(f"--config {a.config}: nested too deeply to be a settings file") from None
             if not isinstance(data, dict):
                 raise SettingsError(f"--config {a.config}: expected a JSON object, got {type(data).__name__}")
             data = dict(data)

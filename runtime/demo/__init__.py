@@ -1,6 +1,6 @@
 """A browser page that answers questions about an image and shows the routing the question chose.
 
-    pip install 'qgmrn[demo]'
+    pip install -e '.[demo]'
     python -m runtime.demo [--model PATH|builtin] [--host 127.0.0.1] [--port 7860]   (runtime/demo/__main__.py)
 
 The same page is at / of `python -m runtime.serve` when the demo extra is installed. The page
@@ -167,7 +167,7 @@ def mount_demo(app, model) -> bool:
 
         @app.get("/")
         async def no_demo():
-            return JSONResponse({"error": "the browser demo needs pip install 'qgmrn[demo]'; the API: POST /answer"},
+            return JSONResponse({"error": "the browser demo needs pip install -e '.[demo]'; the API: POST /answer"},
                                 status_code=404)
         return False
     from ..api import MAX_BODY

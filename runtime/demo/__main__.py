@@ -6,7 +6,7 @@ import argparse
 import importlib.util
 import sys
 
-INSTALL_HINT = "error: the demo needs Gradio: pip install 'qgmrn[demo]'"
+INSTALL_HINT = "error: the demo needs Gradio: pip install -e '.[demo]'"
 
 
 def main(argv=None) -> int:
