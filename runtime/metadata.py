@@ -79,7 +79,13 @@ def check_metadata_against_shapes(meta: dict, logits_shape, gates_shape, path, i
         raise ModelError(f"{path}: the graph scores {width} answers but its metadata lists {len(answers)}; "
                          "the file was altered or mis-exported")
     if image_shape is not None and len(image_shape) == 4:
-        side = image_shape[1:3] if meta.get("image_input") == UINT8_NHWC else image_shape[2:]
+        nhwc = meta.get("image_input") == UINT8_NHWC
+        channels = image_shape[3] if nhwc else image_shape[1]
+        if isinstance(channels, int) and channels != 3:
+            said = "uint8 pixels (batch, S, S, 3)" if nhwc else "float pixels (batch, 3, S, S)"
+            raise ModelError(f"{path}: its metadata says the image input takes {said}, but the graph's image "
+                             f"input has shape {list(image_shape)}; the file was altered or mis-converted")
+        side = image_shape[1:3] if nhwc else image_shape[2:]
         fixed = [d for d in side if isinstance(d, int)]
         if any(d != meta["image_size"] for d in fixed):
             raise ModelError(f"{path}: the graph takes {side[0]} x {side[1]} images but its metadata "

@@ -72,3 +72,12 @@ def test_mistakes_in_a_conversion_are_one_line_and_write_nothing(tiny_bundle, ti
     assert "--overwrite" in capsys.readouterr().err and dst.read_bytes() == b"the user's file"
     assert convert_main([str(src), str(dst), "--check", image, "--overwrite"]) == 0
     assert runtime.Model(dst, backend="onnxruntime").image_input == "uint8-nhwc"
+
+
+def test_a_float_graph_whose_metadata_says_uint8_names_the_input_type(tiny_bundle, tmp_path):
+    """Trust round 5, m5: the error named the image size, which was right, not the input type."""
+    from conftest import with_metadata
+    from runtime.errors import ModelError
+    bad = with_metadata(tiny_bundle / "model.onnx", tmp_path / "bad.onnx", lambda m: m.update(image_input="uint8-nhwc"))
+    with pytest.raises(ModelError, match=r"image input takes uint8 pixels \(batch, S, S, 3\)"):
+        runtime.Model(bad, backend="onnxruntime")
