@@ -5,8 +5,8 @@ first request of a batch waits at most `batch_wait_ms` for others, up to `max_ba
 runs on one worker thread while the loop keeps reading, decoding and queueing, so under load
 the next batch is already waiting when the model is done.
 
-ray_deployment(): the same Answerer as a Ray Serve deployment (`@serve.ingress` over the same app,
-`@serve.batch` per replica), for replicas across a cluster.
+ray_app(): the same Answerer as a Ray Serve application: one ingress replica (the app and the
+page, `@serve.ingress`) in front of model replicas that batch (`@serve.batch`) across a cluster.
 """
 from __future__ import annotations
 
@@ -102,29 +102,64 @@ def _replica_grpc_on_loopback() -> None:
     replica.add_port_to_grpc_server = add_on_loopback
 
 
-def ray_deployment(replicas: int = 1, max_batch: int = 16, batch_wait_ms: float = 5.0,
-                   max_ongoing: int = 256):
-    """The Ray Serve deployment (built lazily: Ray is an optional extra). `max_ongoing` requests per
-    replica may be in flight (reading bodies, decoding, waiting for a batch) before Ray queues more."""
+MODEL_APP = "qgmrn-model"       # runtime.serve deploys the model replicas as their own application
+
+
+def ray_app(model: str = "builtin", demo: bool = True, replicas: int = 1, max_batch: int = 16,
+            batch_wait_ms: float = 5.0, max_ongoing: int = 256, backend=None):
+    """The Ray Serve application (built lazily: Ray is an optional extra): one ingress replica that
+    serves the app and the browser page, reads, checks and decodes requests, in front of model
+    replicas that batch (`@serve.batch`) and answer. The page lives in one place: Gradio keeps its
+    queue and event ids in one process, and Ray's proxy would send a call's POST and the GET of its
+    event stream to different replicas (trust round 5, M3: 5 of 20 calls completed with 2 replicas).
+    backend: None composes the model replicas into this application (`serve run`); the name of
+    an application (ray_model_app, deployed first) uses those, so that a shutdown can drain the
+    ingress before the model replicas go. `max_ongoing` requests per model replica."""
     from ray import serve
 
     @serve.ingress()
     class QGMRN(Answerer):
-        def __init__(self, model: str = "builtin", demo: bool = True):
+        def __init__(self, model: str = "builtin", demo: bool = True, backend=None):
             if os.environ.get(LOOPBACK_ENV) == "1":
                 _replica_grpc_on_loopback()
             Answerer.__init__(self, model)
             self.demo = demo
-
-        @serve.batch(max_batch_size=max_batch, batch_wait_timeout_s=batch_wait_ms / 1000.0)
-        async def _batched(self, items: list) -> list[dict]:
-            return await asyncio.to_thread(self.run_batch, items)
+            self.backend = serve.get_deployment_handle("qgmrn-model", app_name=backend) \
+                if isinstance(backend, str) else backend
 
         async def submit(self, item: tuple) -> dict:
-            return await self._batched(item)
+            out = await self.backend.run.remote(item)
+            self.counts["answered"] += 1
+            self.counts["batches"] += 1 / out["batch_size"]      # each batch's answers add up to one
+            return out
+
+        def stats(self) -> dict:
+            return {**Answerer.stats(self), "batches": round(self.counts["batches"])}
 
         def __serve_build_asgi_app__(self):
             return build_asgi(self, self.demo)
 
-    return serve.deployment(QGMRN, name="qgmrn", num_replicas=replicas, ray_actor_options={"num_cpus": 0},
-                            max_ongoing_requests=max_ongoing)
+    if backend is None:
+        backend = ray_model_app(model, replicas, max_batch, batch_wait_ms, max_ongoing)
+    ingress = serve.deployment(QGMRN, name="qgmrn", num_replicas=1, ray_actor_options={"num_cpus": 0},
+                               max_ongoing_requests=max_ongoing * replicas)
+    return ingress.bind(model, demo, backend)
+
+
+def ray_model_app(model: str = "builtin", replicas: int = 1, max_batch: int = 16, batch_wait_ms: float = 5.0,
+                  max_ongoing: int = 256):
+    """The model replicas: each batches the checked, decoded requests it is handed and answers."""
+    from ray import serve
+
+    class QGMRNModel:
+        def __init__(self, model: str = "builtin"):
+            if os.environ.get(LOOPBACK_ENV) == "1":
+                _replica_grpc_on_loopback()
+            self.answerer = Answerer(model)
+
+        @serve.batch(max_batch_size=max_batch, batch_wait_timeout_s=batch_wait_ms / 1000.0)
+        async def run(self, items: list) -> list[dict]:
+            return await asyncio.to_thread(self.answerer.run_batch, items)
+
+    return serve.deployment(QGMRNModel, name="qgmrn-model", num_replicas=replicas, ray_actor_options={"num_cpus": 0},
+                            max_ongoing_requests=max_ongoing).bind(model)

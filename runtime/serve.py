@@ -48,16 +48,19 @@ def _import_ray():
     return ray, serve
 
 
-def build_app(args: dict):
-    """`serve run runtime.serve:build_app model=PATH replicas=2 max_batch=16 batch_wait_ms=5 demo=0`."""
-    from .engines import ray_deployment
+def build_app(args: dict, backend=None):
+    """`serve run runtime.serve:build_app model=PATH replicas=2 max_batch=16 batch_wait_ms=5 demo=0`;
+    backend: the name of an application holding the model replicas (serve_ray deploys it first)."""
+    from .engines import ray_app, ray_model_app
     replicas, max_batch = int(args.get("replicas", 1)), int(args.get("max_batch", 16))
     wait = float(args.get("batch_wait_ms", 5.0))
     if replicas < 1 or not 1 <= max_batch <= MAX_BATCH or not (math.isfinite(wait) and 0 <= wait <= MAX_WAIT_MS):
         raise ValueError(f"replicas >= 1, max_batch in 1..{MAX_BATCH}, batch_wait_ms in 0..{MAX_WAIT_MS:g}")
     demo = str(args.get("demo", True)).lower() not in ("0", "false", "no")
-    # the batch settings are the decorator's (ray_deployment builds the class with them)
-    return ray_deployment(replicas, max_batch, wait).bind(args.get("model", "builtin"), demo)
+    # the batch settings are the decorator's (ray_model_app builds the class with them)
+    if backend == "model":
+        return ray_model_app(args.get("model", "builtin"), replicas, max_batch, wait)
+    return ray_app(args.get("model", "builtin"), demo, replicas, max_batch, wait, backend=backend)
 
 
 def is_loopback(host: str) -> bool:
@@ -228,6 +231,7 @@ def start_ray_on_loopback(ray) -> None:
 
 
 def serve_ray(a, model, stop: Stop) -> None:
+    from .engines import MODEL_APP
     if a.address:
         check_address(a.address)
     bind(a.host, a.port).close()                # a port in use: one line, before Ray starts
@@ -248,9 +252,11 @@ def serve_ray(a, model, stop: Stop) -> None:
             return
         try:
             serve.start(http_options={"host": a.host, "port": a.port}, proxy_location="HeadOnly")
-            serve.run(build_app({"model": a.model, "replicas": a.replicas, "max_batch": a.max_batch,
-                                 "batch_wait_ms": a.batch_wait_ms, "demo": not a.no_demo}), name="qgmrn",
-                      route_prefix="/")
+            args = {"model": a.model, "replicas": a.replicas, "max_batch": a.max_batch,
+                    "batch_wait_ms": a.batch_wait_ms, "demo": not a.no_demo}
+            # two applications, so that a shutdown drains the ingress while the model replicas still answer
+            serve.run(build_app(args, "model"), name=MODEL_APP, route_prefix=None)
+            serve.run(build_app(args, MODEL_APP), name="qgmrn", route_prefix="/")
         except (ray.exceptions.RayError, TimeoutError) as e:
             why = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise SystemExit(f"error: Ray Serve did not start on {a.host}:{a.port}: {why}") from None
@@ -265,7 +271,8 @@ def serve_ray(a, model, stop: Stop) -> None:
             if time.monotonic() - checked >= LISTENER_CHECK_S:    # a listener that joins later
                 checked = time.monotonic()
                 check_sole_listener(a.host, a.port, "joined")
-        serve.delete("qgmrn")                   # replicas answer what they hold before they go
+        serve.delete("qgmrn")                   # the ingress answers what it holds, then the model goes
+        serve.delete(MODEL_APP)
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -1,4 +1,5 @@
 """Limits that keep one client from locking out the others (trust round 5)."""
+import importlib.util
 import socket
 
 import pytest
@@ -53,4 +54,35 @@ def test_a_listener_that_joins_the_ray_engines_port_later_stops_the_server_in_on
         assert code == 2 and "joined and listens" in log and "stopped serving" in log, log[-2000:]
     finally:
         intruder.close()
+        serving.stop(proc)
+
+
+@pytest.mark.slow
+def test_the_demo_page_works_on_ray_with_several_replicas(real_sample):
+    """M3: each replica built its own page and Gradio keeps its queue in one process, so an
+    upload, a call and its event stream sent to different replicas failed (5 of 20 completed). The
+    page lives in the one ingress replica; the model replicas batch."""
+    import json
+    import urllib.request
+    if not serving.HAVE["ray"] or importlib.util.find_spec("gradio") is None:
+        pytest.skip("needs Ray Serve and Gradio (pip install -e '.[ray,demo]')")
+    url, proc = serving.start("ray", "--replicas", "2")
+    try:
+        image = sorted((real_sample / "images" / "val").glob("*.png"))[0].read_bytes()
+        done = 0
+        for _ in range(12):
+            body, ctype = serving.multipart([(b'Content-Disposition: form-data; name="files"; filename="s.png"\r\n'
+                                              b"Content-Type: image/png", image)])
+            status, paths = serving.request(url + "/gradio_api/upload", body, ctype)
+            assert status == 200, paths
+            data = json.dumps({"data": [{"path": paths[0], "meta": {"_type": "gradio.FileData"}},
+                                        "How many cylinders are there?"]}).encode()
+            status, event = serving.request(url + "/gradio_api/call/answer", data, "application/json")
+            assert status == 200, event
+            with urllib.request.urlopen(f"{url}/gradio_api/call/answer/{event['event_id']}", timeout=60) as r:
+                done += "event: complete" in r.read().decode()
+        assert done == 12
+        status, stats = serving.request(url + "/stats")
+        assert status == 200
+    finally:
         serving.stop(proc)
