@@ -104,3 +104,24 @@ def test_an_example_answers_through_its_token(client):
     stream = client.get(f"/gradio_api/call/answer/{call.json()['event_id']}").text
     assert "event: complete" in stream, stream
     assert json.loads(stream.split("data:", 1)[1].split("\n")[0])[0]
+
+
+def test_uploads_a_killed_server_left_behind_are_swept_and_not_counted(client, monkeypatch):
+    """M4: after a SIGKILL the next server removed only its own files, and the orphans counted
+    against every later upload's cap. Files older than an upload's ten minutes are swept."""
+    import os
+    import time
+    from runtime.demo import uploads
+    root = uploads.upload_folder()
+    orphan = root / "deadbeef" / "left.png"
+    orphan.parent.mkdir(parents=True, exist_ok=True)
+    orphan.write_bytes(_png((4, 4, 4)))
+    os.utime(orphan, (time.time() - 3600, time.time() - 3600))
+    guard = _guard(client.app)
+    monkeypatch.setattr(guard, "max_files", len([p for p in _kept(root) if p != orphan]) + 1)
+    examples = [p for p in _kept(root) if p.name.startswith("scene")]
+    for p in examples:                                     # Gradio's cached examples: old, yet kept
+        os.utime(p, (time.time() - 3600, time.time() - 3600))
+    r = client.post("/gradio_api/upload", files={"files": ("fresh.png", _png((5, 6, 7)), "image/png")})
+    assert r.status_code == 200 and not orphan.exists()
+    assert examples and all(p.exists() for p in examples)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 MAX_KEPT = 256 * 2**20           # bytes all uploads may keep at once
 MAX_FILES = 2000                 # files all uploads may keep at once (a 1x1 PNG is 70 bytes)
+KEEP_S = 660                     # Gradio sweeps uploads after 600 s (build_demo's delete_cache), + a minute
 TOKEN = "upload/"                # what a client sees instead of the upload folder's path
 UPLOAD = "/gradio_api/upload"
 CALLS = ("/gradio_api/queue/join", "/gradio_api/call/", "/gradio_api/run/")
@@ -37,12 +38,31 @@ def _files(root: Path) -> list[Path]:
     return [Path(dirpath, name) for dirpath, _, names in os.walk(root) for name in names]
 
 
+def _example_bytes() -> dict[int, set[bytes]]:
+    out: dict[int, set[bytes]] = {}
+    for p in (Path(__file__).resolve().parents[1] / "examples").glob("*.png"):     # runtime/examples
+        data = p.read_bytes()
+        out.setdefault(len(data), set()).add(data)
+    return out
+
+
 def _folder_usage(root: Path) -> tuple[int, int]:
-    """(bytes, files) that all uploads keep. Walks the folder: call it off the event loop."""
+    """(bytes, files) that all uploads keep. An upload lives ten minutes (Gradio's sweep): a file
+    older than KEEP_S was left by a server that was killed before its sweep, and is removed here
+    so that orphans neither stay for ever nor count against the cap. Walks the folder: call it
+    off the event loop."""
+    import time
     total = count = 0
+    old = time.time() - KEEP_S
+    examples = _example_bytes()
     for path in _files(root):
         try:
-            total += os.lstat(path).st_size
+            st = os.lstat(path)
+            # the page's own examples, which Gradio caches here once and reuses, are never orphans
+            if st.st_mtime < old and not (st.st_size in examples and path.read_bytes() in examples[st.st_size]):
+                path.unlink()
+                continue
+            total += st.st_size
             count += 1
         except OSError:                          # swept meanwhile
             pass
