@@ -81,3 +81,17 @@ def test_a_float_graph_whose_metadata_says_uint8_names_the_input_type(tiny_bundl
     bad = with_metadata(tiny_bundle / "model.onnx", tmp_path / "bad.onnx", lambda m: m.update(image_input="uint8-nhwc"))
     with pytest.raises(ModelError, match=r"image input takes uint8 pixels \(batch, S, S, 3\)"):
         runtime.Model(bad, backend="onnxruntime")
+
+
+def test_a_full_disk_names_the_destination(tiny_bundle, tmp_path, monkeypatch, capsys):
+    """Trust round 5, m5: a write error named the source."""
+    import errno
+    import qgmrn.files
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(qgmrn.files, "write_atomic", full)
+    dst = tmp_path / "u8.onnx"
+    assert convert_main([str(tiny_bundle / "model.onnx"), str(dst)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {dst}: No space left on device" in err and str(tiny_bundle) not in err
