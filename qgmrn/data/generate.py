@@ -22,7 +22,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from ..files import atomic_file, os_error_line
-from .questions import FAMILIES, QUESTION_LANGUAGE, AnswerBalancer, make_questions
+from .questions import QUESTION_LANGUAGE, AnswerBalancer, make_questions
 from .render import render, sample_scene
 from .sources import write_split
 
@@ -47,7 +47,7 @@ def _make_chunk(args) -> tuple[list[dict], list[dict]]:
             render(scene).save(f, format="PNG", compress_level=1)
         for o in scene["objects"]:
             del o["_r"]
-        for q in make_questions(scene, n_questions, rng, balancer, first_family=index % len(FAMILIES)):
+        for q in make_questions(scene, n_questions, rng, balancer, first_family=index * n_questions):
             q.update(image_index=index, image_filename=scene["image_filename"], split=split)
             questions.append(q)
         scenes.append(scene)

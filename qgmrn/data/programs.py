@@ -41,6 +41,18 @@ def program_subtype(program: list[dict]) -> str:
     return fn
 
 
+def named_attributes(program: list[dict], node: int | None = None) -> int:
+    """How many attributes the filter chain feeding `node` (default: the last step) names: "Is
+    there a big red cube?" names 3. The generator balances answers within each such count, so the
+    number of words cannot tell the answer."""
+    node = len(program) - 1 if node is None else node
+    n, inputs = 0, program[node].get("inputs", [])
+    while inputs and _fn(program[inputs[0]]).startswith("filter_"):
+        n += 1
+        inputs = program[inputs[0]].get("inputs", [])
+    return n
+
+
 def _fn(node: dict) -> str:
     return node.get("function", node.get("type"))
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from .programs import ATTRIBUTES, ProgramError, execute
+from .programs import ATTRIBUTES, ProgramError, execute, named_attributes
 
 # Written into each dataset's info: 1 = the first generator (one phrasing per family, eight
-# families); 2 = CLEVR's synonyms and phrasings, chained references, same-attribute and and/or.
-QUESTION_LANGUAGE = 2
+# families); 2 = CLEVR's synonyms and phrasings, chained references, same-attribute and and/or;
+# 3 = CLEVR's proportions of families and hops (up to three), answers balanced given the words.
+QUESTION_LANGUAGE = 3
 
 # CLEVR's own words (its synonyms.json and templates): a model trained on these questions reads
 # real CLEVR questions, which say "big", "tiny", "on the left side of", "either ... or", "its".
@@ -135,7 +136,10 @@ def _reference(scene, rng, p: Program, hops: int = 1, exclude=()):
 
 
 def _hops(rng) -> int:
-    return 2 if rng.random() < 0.3 else 1
+    """References chained by relations, as CLEVR's zero- to three-hop templates write them (a
+    reference of 1 is "the red cube"; the final relate adds one more where a family has one)."""
+    x = rng.random()
+    return 1 if x < 0.45 else 2 if x < 0.8 else 3
 
 
 # -- families -------------------------------------------------------------------------------
@@ -276,12 +280,13 @@ def same_relate(scene, rng):
     counted, tested or queried ("How many other things are the same size as the red ball?")."""
     attr = rng.choice(list(ATTRIBUTES))
     p = Program()
-    ref = _reference(scene, rng, p, 1, exclude=(attr,))
+    ref = _reference(scene, rng, p, 1 if rng.random() < 0.6 else 2, exclude=(attr,))
     if ref is None:
         return None
     same = p.add(f"same_{attr}", [ref[1]])
     w, y = SAME_WORDS[attr], ref[2]
-    final = rng.choice(("count", "exist", "query"))
+    x = rng.random()                                   # CLEVR's same-attribute templates: mostly queries
+    final = "query" if x < 0.5 else "count" if x < 0.8 else "exist"
     if final == "query":
         others = [j for j in range(len(scene["objects"])) if j != ref[0]
                   and scene["objects"][j][attr] == scene["objects"][ref[0]][attr]]
@@ -330,7 +335,7 @@ def logic(scene, rng):
         else:
             texts = (f"Are there any {xa} or {xb}?", f"Is there either {a(phrase(da, rng))} or {a(phrase(db, rng))}?")
         return rng.choice(texts), p.nodes
-    first = _reference(scene, rng, p, 1)
+    first = _reference(scene, rng, p, 1 if rng.random() < 0.7 else 2)
     second = _reference(scene, rng, p, 1)
     if first is None or second is None or first[0] == second[0]:
         return None
@@ -352,16 +357,48 @@ FAMILIES = [count_plain, count_relate, exist_plain, exist_relate, query_plain, q
             compare_numbers, compare_attribute, same_relate, logic]
 
 
+# How often each family is asked (per 100 questions), so that families, types and hops come out
+# near the real CLEVR questions' (docs/data.md: same-attribute 33%, relations 41%, no relation
+# 14%, and/or 11%; query 38%, count 23%, compare attribute 17%, exist 15%, compare numbers 8%).
+FAMILY_WEIGHTS = {"count_plain": 3, "count_relate": 6, "exist_plain": 2, "exist_relate": 5, "query_plain": 4,
+                  "query_relate": 14, "compare_numbers": 8, "compare_attribute": 17, "same_relate": 30, "logic": 11}
+
+
+def _schedule() -> list[int]:
+    """FAMILIES indices, 100 slots, each family as often as its weight and spread evenly (smooth
+    weighted round robin): consecutive questions of a scene come from different families."""
+    weights = [FAMILY_WEIGHTS[f.__name__] for f in FAMILIES]
+    current, slots = [0] * len(weights), []
+    for _ in range(sum(weights)):
+        current = [c + w for c, w in zip(current, weights)]
+        best = max(range(len(weights)), key=lambda i: current[i])
+        current[best] -= sum(weights)
+        slots.append(best)
+    return slots
+
+
+SCHEDULE = _schedule()
+
+
 class AnswerBalancer:
-    """Rejection sampling towards uniform answers within each family and final function: an
-    answer already seen more often than the average is accepted with probability
-    (average / count)^2."""
+    """Answers balanced within each family, final function and number of attributes the question
+    names (as CLEVR's generator rejects questions per template), so the words alone do not tell
+    the answer: a yes/no question is accepted only with the answer its key wants next (alternating,
+    so exactly half are "yes"); any other answer already seen more often than the average is
+    accepted with probability (average / count)^2."""
 
     def __init__(self, rng: random.Random):
         self.rng = rng
         self.counts: dict[tuple, Counter] = {}
+        self.wanted: dict[tuple, str] = {}
 
     def accept(self, key: tuple, answer: str) -> bool:
+        if answer in ("yes", "no"):
+            want = self.wanted.setdefault(key, self.rng.choice(("yes", "no")))
+            if answer != want:
+                return False
+            self.wanted[key] = "no" if want == "yes" else "yes"
+            return True
         c = self.counts.setdefault(key, Counter())
         mean = (sum(c.values()) + 1) / max(1, len(c))
         if c[answer] + 1 > 1.1 * mean and self.rng.random() > (mean / (c[answer] + 1)) ** 2:
@@ -372,11 +409,12 @@ class AnswerBalancer:
 
 def make_questions(scene: dict, n: int, rng: random.Random, balancer: AnswerBalancer,
                    first_family: int = 0, tries: int = 30) -> list[dict]:
-    """n questions for a scene, families taken in turn from first_family so all appear."""
+    """n questions for a scene, families taken in turn from slot `first_family` of SCHEDULE (pass
+    image index x n: over consecutive images every slot, so every family, comes up)."""
     out = []
     fam = first_family
     while len(out) < n:
-        family = fam % len(FAMILIES)
+        family = SCHEDULE[fam % len(SCHEDULE)]
         fam += 1
         for _ in range(tries):
             made = FAMILIES[family](scene, rng)
@@ -387,7 +425,7 @@ def make_questions(scene: dict, n: int, rng: random.Random, balancer: AnswerBala
                 answer = execute(program, scene)
             except ProgramError:
                 continue
-            if balancer.accept((family, program[-1]["function"]), answer):
+            if balancer.accept((family, program[-1]["function"], named_attributes(program)), answer):
                 out.append({"question": text, "program": program, "answer": answer,
                             "question_family_index": family})
                 break

@@ -22,7 +22,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
-from .questions import FAMILIES, QUESTION_LANGUAGE, AnswerBalancer, make_questions
+from .questions import QUESTION_LANGUAGE, AnswerBalancer, make_questions
 from .render_jobs import Interrupted, _StopFlag, _eta, _image, _record, _rng, render_scene
 from .sources import write_json_atomic, write_split
 
@@ -151,7 +151,8 @@ def _questions(scenes: list[dict], settings: dict, split: str) -> list[dict]:
         balancer = AnswerBalancer(rng)
         for scene in scenes[start:start + CHUNK]:
             index = scene["image_index"]
-            for q in make_questions(scene, settings["questions"], rng, balancer, first_family=index % len(FAMILIES)):
+            for q in make_questions(scene, settings["questions"], rng, balancer,
+                                    first_family=index * settings["questions"]):
                 q.update(image_index=index, image_filename=scene["image_filename"], split=split)
                 questions.append(q)
     for i, q in enumerate(questions):
