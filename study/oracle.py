@@ -73,6 +73,16 @@ def _records(root: Path, split: str, data: Split) -> list:
     return [(r["question"], str(r["answer"]), t) for r, t in zip(qs, data.types)]
 
 
+def subset(data: Split, n: int) -> Split:
+    """The first n questions (whole scenes: questions are stored scene by scene)."""
+    import dataclasses
+    keep = slice(0, min(n, len(data.labels)))
+    return dataclasses.replace(data, scene_of=data.scene_of[keep], tokens=data.tokens[keep],
+                               lengths=data.lengths[keep], labels=data.labels[keep], where=data.where[keep],
+                               where_ok=data.where_ok[keep], counts=data.counts[keep], types=data.types[keep],
+                               families=data.families[keep], images=data.images[keep])
+
+
 def evaluate(model: OracleNet, data: Split, batch: int = 1024) -> dict:
     model.eval()
     preds, gates = [], []
@@ -129,6 +139,7 @@ def train(a) -> int:
     t0 = time.perf_counter()
     train_d, vocab, answers = load_split(root, "train", a.map_size)
     val_d, _, _ = load_split(root, "val", a.map_size, vocab, answers)
+    train_probe = subset(train_d, len(val_d.labels))        # train accuracy on as many questions as val
     print(f"data: {len(train_d.labels)} train / {len(val_d.labels)} val questions on {len(val_d.maps)} val scenes; "
           f"{100 * train_d.collisions:.1f}% of objects share a {a.map_size}x{a.map_size} cell; "
           f"loaded in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -178,11 +189,13 @@ def train(a) -> int:
             step += 1
             if step % every == 0 or step == steps:
                 row = {"step": step, "samples": step * a.batch_size, "seconds": round(seconds, 1),
-                       "loss": loss.item(), **evaluate(model, val_d)}
+                       "loss": loss.item(), **evaluate(model, val_d),
+                       "train": evaluate(model, train_probe)["overall"]}
                 log.write(json.dumps(row) + "\n")
                 log.flush()
                 use = row.get("routing", {})
-                print(f"{row['samples']:>9} samples {seconds / 60:6.1f} min  val {100 * row['overall']:5.1f} "
+                print(f"{row['samples']:>9} samples {seconds / 60:6.1f} min  train {100 * row['train']:5.1f} "
+                      f"val {100 * row['overall']:5.1f} "
                       f"+-{100 * row['se']:.1f}  " + " ".join(f"{k[:8]} {100 * v:4.1f}" for k, v in row["per_family"].items())
                       + (f"  executed {100 * use['filters_executed']:.0f}% differ {100 * use['differ_same_image']:.0f}%"
                          if use else ""), flush=True)
@@ -193,35 +206,33 @@ def train(a) -> int:
     return 0
 
 
+def _pct(x) -> str:
+    return "" if x is None else f"{100 * x:.1f}"
+
+
+def _row(name: str, r: dict, samples: str = "", minutes: str = "") -> str:
+    use = r.get("routing") or {}
+    cells = [name, samples, minutes, _pct(r.get("train")), _pct(r["overall"]), _pct(r["se"]),
+             *(_pct(r["per_family"].get(f)) for f in FAMILIES), *(_pct(r["per_type"].get(t)) for t in QUESTION_TYPES),
+             f"{100 * use['filters_executed']:.0f}%" if use else "", f"{100 * use['differ_same_image']:.0f}%" if use else ""]
+    return "| " + " | ".join(cells) + " |"
+
+
 def report(a) -> int:
-    """One table per run at milestones, and the final row of every run beside the baselines."""
-    lines = ["| run | samples | minutes | overall | +- | " + " | ".join(FAMILIES) + " | "
-             + " | ".join(QUESTION_TYPES) + " | executed | differ |", "|" + "---|" * (7 + len(FAMILIES) + len(QUESTION_TYPES))]
-    base_rows = {}
+    """Rows per run at milestones and its last evaluation, and the baselines on the same val."""
+    head = ["run", "samples", "minutes", "train", "val", "+-", *FAMILIES, *QUESTION_TYPES, "executed", "differ"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base_rows: dict = {}
     for run in map(Path, a.runs):
         rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines() if r.strip()]
         if (run / "baselines.json").exists():
             base_rows.update(json.loads((run / "baselines.json").read_text()))
-        marks = [m for m in a.milestones if m <= rows[-1]["samples"]] if rows else []
-        picked = [min(rows, key=lambda r: abs(r["samples"] - m)) for m in marks] + rows[-1:]
-        seen = set()
-        for r in picked:
-            if r["samples"] in seen:
-                continue
-            seen.add(r["samples"])
-            use = r.get("routing", {})
-            lines.append(f"| {run.name} | {r['samples'] / 1e6:.2f} M | {r['seconds'] / 60:.0f} | {100 * r['overall']:.1f} | "
-                         f"{100 * r['se']:.1f} | " + " | ".join(f"{100 * r['per_family'].get(f, float('nan')):.1f}" for f in FAMILIES)
-                         + " | " + " | ".join(f"{100 * r['per_type'].get(t, float('nan')):.1f}" for t in QUESTION_TYPES)
-                         + f" | {100 * use['filters_executed']:.0f}% | {100 * use['differ_same_image']:.0f}% |"
-                         if use else f"| {run.name} | {r['samples'] / 1e6:.2f} M | {r['seconds'] / 60:.0f} | "
-                         f"{100 * r['overall']:.1f} | {100 * r['se']:.1f} | "
-                         + " | ".join(f"{100 * r['per_family'].get(f, float('nan')):.1f}" for f in FAMILIES) + " | "
-                         + " | ".join(f"{100 * r['per_type'].get(t, float('nan')):.1f}" for t in QUESTION_TYPES) + " | - | - |")
+        marks = [m for m in a.milestones if rows and m <= rows[-1]["samples"]]
+        picked = {id(r): r for r in [min(rows, key=lambda r: abs(r["samples"] - m)) for m in marks] + rows[-1:]}
+        for r in sorted(picked.values(), key=lambda r: r["samples"]):
+            lines.append(_row(run.name, r, f"{r['samples'] / 1e6:.2f} M", f"{r['seconds'] / 60:.0f}"))
     for name, b in sorted(base_rows.items()):
-        lines.append(f"| ({name.replace('_', '-')} baseline) | | | {100 * b['overall']:.1f} | {100 * b['se']:.1f} | "
-                     + " | ".join(f"{100 * b['per_family'].get(f, float('nan')):.1f}" for f in FAMILIES) + " | "
-                     + " | ".join(f"{100 * b['per_type'].get(t, float('nan')):.1f}" for t in QUESTION_TYPES) + " | | |")
+        lines.append(_row(f"({name.replace('_', '-')} baseline)", b))
     text = "\n".join(lines) + "\n"
     print(text, end="")
     if a.md:
