@@ -61,8 +61,9 @@ class Prediction:
     execution: str = "masked"
 
     def to_dict(self) -> dict:
-        return {"answer": self.answer, "probability": self.probability,
-                "top_k": [{"answer": a, "probability": p} for a, p in self.top_k],
+        # "score" beside "probability": the field Hugging Face's VQA pipeline returns
+        return {"answer": self.answer, "probability": self.probability, "score": self.probability,
+                "top_k": [{"answer": a, "probability": p, "score": p} for a, p in self.top_k],
                 "routing": {"gates": self.gates, "execution_ratio": self.execution_ratio,
                             "overall_execution_ratio": self.overall_execution_ratio, "execution": self.execution},
                 "unknown_words": self.unknown_words}
@@ -109,6 +110,10 @@ class Model:
         return f"Model({str(self.path)!r}, backend={self.backend!r}, answers={len(self.answers)})"
 
     # -- public API ----------------------------------------------------------------------------
+    def __call__(self, image, question: str) -> str:
+        """model(image, question) is model.answer(image, question)."""
+        return self.answer(image, question)
+
     def answer(self, image, question: str) -> str:
         """The answer string, e.g. "cyan", "3" or "yes".
 
