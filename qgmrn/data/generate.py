@@ -26,6 +26,10 @@ from .questions import QUESTION_LANGUAGE, AnswerBalancer, make_questions
 from .render import render, sample_scene
 from .sources import write_split
 
+# Questions per image by default: a render costs about a second of a core, a question a
+# millisecond, so rendered scenes are asked many more (issue 48: 80, where the first models
+# memorised 10 per scene; docs/learning/oracle).
+QUESTIONS_PER_IMAGE = {"pillow": 10, "blender": 80}
 CHUNK = 50            # images per work unit; each unit has its own seeded RNG and balancer
 MAX_RENDER_SIDE = 2048   # Blender images: 4x CLEVR's width; larger asks Cycles for gigabytes per image
 
@@ -90,7 +94,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="output directory (CLEVR v1.0 layout)")
     ap.add_argument("--images", type=int, default=10000, help="training images")
     ap.add_argument("--val-images", type=int, default=None, help="validation images (default: images / 5)")
-    ap.add_argument("--questions", type=int, default=10, help="questions per image")
+    ap.add_argument("--questions", type=int, default=None,
+                    help=f"questions per image (default {QUESTIONS_PER_IMAGE['pillow']} for drawings, "
+                         f"{QUESTIONS_PER_IMAGE['blender']} for renders: questions cost seconds, renders hours)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--objects", type=int, nargs=2, default=(3, 10), metavar=("MIN", "MAX"),
                     help="objects per scene (default: CLEVR's 3 10)")
@@ -105,6 +111,8 @@ def main(argv=None) -> int:
                     help="Blender: render on a Ray cluster (ADDRESS: 'auto', HOST:PORT or ray://HOST:10001; "
                          "alone: the cluster in RAY_ADDRESS, else a local one); the same dataset as one machine")
     a = ap.parse_args(argv)
+    if a.questions is None:
+        a.questions = QUESTIONS_PER_IMAGE[a.renderer]
     if a.images < 1 or a.questions < 1:
         ap.error("--images and --questions must be positive")
     if a.val_images is not None and a.val_images < 1:
