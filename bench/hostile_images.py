@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scans", type=int, default=600)
     a = ap.parse_args(argv)
-    print(f"| file | bytes | Pillow opens and decodes (s) | load_rgb refuses (s) |\n|---|---|---|---|")
+    print("| file | bytes | Pillow opens and decodes (s) | load_rgb refuses (s) |\n|---|---|---|---|")
     for name, data in files(a.scans).items():
         times = []
         for fn in (pillow, refused):

@@ -14,7 +14,6 @@ An engine is an `Answerer` with its own `submit` (how requests share batches). B
 import asyncio
 import base64
 import binascii
-import io
 import json
 import logging
 import math

@@ -97,7 +97,7 @@ def test_generated_questions_speak_real_clevrs_words(real_sample):
     questions (synonyms such as big/tiny/matte, "on the left side of", "either ... or", "its")
     is one the generator writes, asked of the same scenes."""
     import random
-    from qgmrn.data.questions import AnswerBalancer, make_questions
+    from qgmrn.data.question_mix import AnswerBalancer, make_questions
     scenes = [s for split in ("train", "val")
               for s in json.loads((real_sample / f"scenes/CLEVR_{split}_scenes.json").read_text())["scenes"]]
     rng = random.Random(0)

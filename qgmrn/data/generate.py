@@ -22,7 +22,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from ..files import atomic_file, os_error_line
-from .questions import QUESTION_LANGUAGE, AnswerBalancer, make_questions
+from .question_mix import AnswerBalancer, make_questions
+from .questions import QUESTION_LANGUAGE
 from .render import render, sample_scene
 from .sources import write_split
 

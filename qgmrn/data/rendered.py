@@ -22,7 +22,8 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
-from .questions import QUESTION_LANGUAGE, AnswerBalancer, make_questions
+from .question_mix import AnswerBalancer, make_questions
+from .questions import QUESTION_LANGUAGE
 from .render_jobs import Interrupted, _StopFlag, _eta, _image, _record, _rng, render_scene
 from .sources import write_json_atomic, write_split
 
