@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import json
 import os
 from pathlib import Path
@@ -38,7 +39,9 @@ def _files(root: Path) -> list[Path]:
     return [Path(dirpath, name) for dirpath, _, names in os.walk(root) for name in names]
 
 
+@functools.lru_cache(maxsize=1)
 def _example_bytes() -> dict[int, set[bytes]]:
+    """The shipped example images by size (read once: they are the package's own files)."""
     out: dict[int, set[bytes]] = {}
     for p in (Path(__file__).resolve().parents[1] / "examples").glob("*.png"):     # runtime/examples
         data = p.read_bytes()
@@ -127,6 +130,25 @@ async def _reply(send, status: int, body) -> None:
     await send({"type": "http.response.body", "body": data})
 
 
+class _Held:
+    """An ASGI send that holds the wrapped app's response, so the guard looks at it (and may
+    replace it) before the client sees anything."""
+
+    def __init__(self):
+        self.start: dict = {}
+        self.chunks: list[bytes] = []
+
+    async def __call__(self, message) -> None:
+        if message["type"] == "http.response.start":
+            self.start.update(message)
+        elif message["type"] == "http.response.body":
+            self.chunks.append(message.get("body", b""))
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(self.chunks)
+
+
 class UploadGuard:
     def __init__(self, app, max_kept: int = MAX_KEPT, max_files: int = MAX_FILES):
         self.app, self.max_kept, self.max_files = app, max_kept, max_files
@@ -152,22 +174,14 @@ class UploadGuard:
         return await self.app(scope, receive, send)
 
     async def _upload(self, scope, receive, send):
-        start: dict = {}
-        chunks: list[bytes] = []
-
-        async def capture(message):
-            if message["type"] == "http.response.start":
-                start.update(message)
-            elif message["type"] == "http.response.body":
-                chunks.append(message.get("body", b""))
-
+        reply = _Held()
         root = upload_folder()
         # Gradio names an upload by its content's hash: an identical file kept earlier is the
         # same path, and refusing this upload must not remove it
         earlier = set(await asyncio.to_thread(_files, root))     # nothing that walks or parses runs on the loop
         try:
-            await self.app(scope, receive, capture)      # Gradio stores the files (and moves them)
-            full = start.get("status") == 500 and b"No space left on device" in b"".join(chunks)
+            await self.app(scope, receive, reply)        # Gradio stores the files (and moves them)
+            full = reply.start.get("status") == 500 and b"No space left on device" in reply.body
         except OSError as e:
             if e.errno != errno.ENOSPC:
                 raise
@@ -176,13 +190,12 @@ class UploadGuard:
             _remove(sorted(set(await asyncio.to_thread(_files, root)) - earlier), root)
             return await _reply(send, 507, {"error": "the server's disk is full (no space left for uploads); "
                                                           "retry later"})
-        body = b"".join(chunks)
-        if start.get("status") != 200:
-            await send(start)
-            await send({"type": "http.response.body", "body": body})
+        if reply.start.get("status") != 200:
+            await send(reply.start)
+            await send({"type": "http.response.body", "body": reply.body})
             return
         try:
-            names = json.loads(body)
+            names = json.loads(reply.body)
             stored = [Path(os.path.realpath(p)) for p in names]
         except (ValueError, TypeError):
             return await _reply(send, 500, {"error": "the upload could not be stored"})
@@ -208,22 +221,14 @@ class UploadGuard:
     async def _config(self, scope, receive, send):
         """The page's description with the examples' files named as uploads are (upload/HASH/NAME):
         no server path; the file route and the calls map the name back."""
-        start: dict = {}
-        chunks: list[bytes] = []
-
-        async def capture(message):
-            if message["type"] == "http.response.start":
-                start.update(message)
-            elif message["type"] == "http.response.body":
-                chunks.append(message.get("body", b""))
-
-        await self.app(scope, receive, capture)
-        body = b"".join(chunks)
-        encoded = dict(start.get("headers", [])).get(b"content-encoding")
-        if not encoded:
+        reply = _Held()
+        await self.app(scope, receive, reply)
+        body = reply.body
+        headers = reply.start.get("headers", [])
+        if not dict(headers).get(b"content-encoding"):
             body = body.replace(str(upload_folder()).encode() + b"/", TOKEN.encode())
-        headers = [(k, v) for k, v in start.get("headers", []) if k != b"content-length"]
-        await send({**start, "headers": headers + [(b"content-length", str(len(body)).encode())]})
+        headers = [(k, v) for k, v in headers if k != b"content-length"]
+        await send({**reply.start, "headers": headers + [(b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
     async def _call(self, scope, receive, send):
