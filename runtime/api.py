@@ -21,7 +21,7 @@ import re
 import time
 from pathlib import Path
 
-from .decoding import LARGE_DECODES, LARGE_IMAGE_PIXELS, DecodeRefused, Decoder, image_pixels  # noqa: F401
+from .decoding import LARGE_DECODES, LARGE_IMAGE_PIXELS, DecodeRefused, Decoder
 from .errors import QuestionError
 
 MAX_BODY = 20 * 2**20               # bytes per request: a 12 MP JPEG fits, a video does not

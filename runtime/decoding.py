@@ -55,11 +55,14 @@ def _load(image: bytes):
         raise DecodeRefused(413 if "megapixels" in str(e) else 400, str(e)) from None
 
 
-def _measure(image: bytes) -> int:
+def _measure_or_load(image: bytes):
+    """(decoded image, pixels) for an image up to LARGE_IMAGE_PIXELS, in one trip to a decoding
+    thread; (None, pixels) for a larger one, which waits for its turn before it decodes."""
     try:
-        return image_pixels(image)
+        pixels = image_pixels(image)
     except ImageError as e:
         raise DecodeRefused(400, str(e)) from None
+    return (_load(image) if pixels <= LARGE_IMAGE_PIXELS else None), pixels
 
 
 class Decoder:
@@ -75,8 +78,9 @@ class Decoder:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, image)
 
     async def decode(self, image: bytes):
-        if await self._run(_measure, image) <= LARGE_IMAGE_PIXELS:
-            return await self._run(_load, image)
+        decoded, _ = await self._run(_measure_or_load, image)
+        if decoded is not None:
+            return decoded
         self._large = self._large or asyncio.Semaphore(LARGE_DECODES)
         try:
             await asyncio.wait_for(self._large.acquire(), LARGE_DECODE_WAIT_S)

@@ -103,6 +103,7 @@ def _replica_grpc_on_loopback() -> None:
 
 
 MODEL_APP = "qgmrn-model"       # runtime.serve deploys the model replicas as their own application
+MODEL_DEPLOYMENT = "qgmrn-model"    # the model replicas' deployment, in that application or in ray_app's
 
 
 def ray_app(model: str = "builtin", demo: bool = True, replicas: int = 1, max_batch: int = 16,
@@ -124,7 +125,7 @@ def ray_app(model: str = "builtin", demo: bool = True, replicas: int = 1, max_ba
                 _replica_grpc_on_loopback()
             Answerer.__init__(self, model)
             self.demo = demo
-            self.backend = serve.get_deployment_handle("qgmrn-model", app_name=backend) \
+            self.backend = serve.get_deployment_handle(MODEL_DEPLOYMENT, app_name=backend) \
                 if isinstance(backend, str) else backend
 
         async def submit(self, item: tuple) -> dict:
@@ -161,5 +162,5 @@ def ray_model_app(model: str = "builtin", replicas: int = 1, max_batch: int = 16
         async def run(self, items: list) -> list[dict]:
             return await asyncio.to_thread(self.answerer.run_batch, items)
 
-    return serve.deployment(QGMRNModel, name="qgmrn-model", num_replicas=replicas, ray_actor_options={"num_cpus": 0},
+    return serve.deployment(QGMRNModel, name=MODEL_DEPLOYMENT, num_replicas=replicas, ray_actor_options={"num_cpus": 0},
                             max_ongoing_requests=max_ongoing).bind(model)
