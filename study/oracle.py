@@ -39,8 +39,9 @@ from qgmrn.routing import load_balancing_loss, routing_use, target_rate_loss  # 
 WHERE_WEIGHT, COUNT_WEIGHT, EXEC_TARGET, LOAD_WEIGHT = 1.0, 0.1, 0.6, 0.01   # the built-in recipe's
 
 
-def summarize(correct: np.ndarray, data: Split) -> dict:
-    """Accuracy overall, per type and per family, with the standard error over val scenes."""
+def summarize(correct: np.ndarray, data) -> dict:
+    """Accuracy overall, per type and per family, with the standard error over val scenes.
+    data: a Split, or anything with its types, families and scene_of."""
     out: dict = {"n": int(len(correct)), "overall": float(correct.mean())}
     for key, labels, order in (("per_type", data.types, QUESTION_TYPES), ("per_family", data.families, FAMILIES)):
         hits, totals = defaultdict(int), defaultdict(int)
@@ -68,11 +69,6 @@ def baselines(train_records: list, val_records: list, val: Split) -> dict:
     return {"question_only": summarize(text, val), "majority": summarize(major, val)}
 
 
-def _records(root: Path, split: str, data: Split) -> list:
-    qs = json.loads((root / "questions" / f"CLEVR_{split}_questions.json").read_text())["questions"]
-    return [(r["question"], str(r["answer"]), t) for r, t in zip(qs, data.types)]
-
-
 def subset(data: Split, n: int) -> Split:
     """The first n questions (whole scenes: questions are stored scene by scene)."""
     import dataclasses
@@ -80,7 +76,8 @@ def subset(data: Split, n: int) -> Split:
     return dataclasses.replace(data, scene_of=data.scene_of[keep], tokens=data.tokens[keep],
                                lengths=data.lengths[keep], labels=data.labels[keep], where=data.where[keep],
                                where_ok=data.where_ok[keep], counts=data.counts[keep], types=data.types[keep],
-                               families=data.families[keep], images=data.images[keep])
+                               families=data.families[keep], images=data.images[keep], texts=data.texts[keep],
+                               answers=data.answers[keep])
 
 
 def evaluate(model: OracleNet, data: Split, batch: int = 1024) -> dict:
@@ -149,7 +146,7 @@ def train(a) -> int:
     gen = torch.Generator().manual_seed(a.seed)
     step, seconds = 0, 0.0
     if a.resume:
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=True)         # a file from someone else never runs code
         if state["arm"] != a.arm or state["seed"] != a.seed:
             print(f"error: {ckpt} is arm {state['arm']} seed {state['seed']}, not {a.arm} seed {a.seed}", file=sys.stderr)
             return 2
@@ -163,7 +160,7 @@ def train(a) -> int:
         (out / "metrics.jsonl").write_text("".join(r + "\n" for r in rows))
     else:
         (out / "baselines.json").write_text(json.dumps(
-            baselines(_records(root, "train", train_d), _records(root, "val", val_d), val_d), indent=1))
+            baselines(train_d.records(), val_d.records(), val_d), indent=1))
     params = sum(p.numel() for p in model.parameters())
     print(f"arm {a.arm} ({ARMS[a.arm]}): {params / 1e6:.2f} M parameters; from step {step}", flush=True)
     steps = a.samples // a.batch_size

@@ -87,6 +87,12 @@ class Split:
     families: list[str]
     images: list[str]
     collisions: float           # fraction of objects sharing their cell with another
+    texts: list[str]            # the questions and their answers as written (the baselines read them)
+    answers: list[str]
+
+    def records(self) -> list[tuple[str, str, str]]:
+        """(question, answer, type) per question."""
+        return list(zip(self.texts, self.answers, self.types))
 
 
 def paint(objects: np.ndarray, h: int, w: int) -> tuple[np.ndarray, float]:
@@ -155,7 +161,8 @@ def load_split(root: str | Path, split: str, size: int, vocab: Vocab | None = No
                  torch.as_tensor(np.asarray(lengths), dtype=torch.long),
                  torch.tensor([index.get(str(r["answer"]), -1) for r in records]),
                  torch.from_numpy(where), torch.from_numpy(where_ok), torch.from_numpy(counts),
-                 types, families, [r["image_filename"] for r in records], collisions)
+                 types, families, [r["image_filename"] for r in records], collisions, questions,
+                 [str(r["answer"]) for r in records])
     return data, vocab, answers
 
 

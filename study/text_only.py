@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from oracle import _records, baselines, summarize  # noqa: E402
+from oracle import baselines, summarize  # noqa: E402
 from oracle_data import FAMILIES, Split, load_split  # noqa: E402
 from qgmrn.data.programs import QUESTION_TYPES  # noqa: E402
 from qgmrn.model import TextEncoder  # noqa: E402
@@ -77,24 +78,27 @@ def _check(root: Path, real: Path, steps: int, seed: int) -> dict:
         loss.backward()
         opt.step()
     out = {"generated val": {"blind": summarize(_accuracy(model, val), val),
-                             **baselines(_records(root, "train", train), _records(root, "val", val), val)}}
+                             **baselines(train.records(), val.records(), val)}}
     # the real sample: both splits (340 questions), answered by what was learnt on the generator's
     for name, part in (("real sample", sample),):
         correct = np.concatenate([_accuracy(model, d) for d in part])
         merged = _merge(part)
         out[name] = {"blind": summarize(correct, merged),
-                     **baselines(_records(root, "train", train),
-                                 _records(real, "train", part[0]) + _records(real, "val", part[1]), merged)}
+                     **baselines(train.records(), part[0].records() + part[1].records(), merged)}
     return out
 
 
-def _merge(parts: list[Split]) -> Split:
-    """Two splits as one for scoring (scene ids kept apart)."""
-    offset = len(parts[0].maps)
-    return Split(torch.cat([p.maps for p in parts]), torch.cat([parts[0].scene_of, parts[1].scene_of + offset]),
-                 parts[0].tokens, parts[0].lengths, torch.cat([p.labels for p in parts]), parts[0].where,
-                 parts[0].where_ok, parts[0].counts, parts[0].types + parts[1].types,
-                 parts[0].families + parts[1].families, parts[0].images + parts[1].images, 0.0)
+class Scored(NamedTuple):
+    """What scoring reads of the questions (oracle.summarize): two splits as one."""
+    types: list
+    families: list
+    scene_of: torch.Tensor
+
+
+def _merge(parts: list[Split]) -> Scored:
+    offset = len(parts[0].maps)                          # scene ids of the two splits kept apart
+    return Scored(parts[0].types + parts[1].types, parts[0].families + parts[1].families,
+                  torch.cat([parts[0].scene_of, parts[1].scene_of + offset]))
 
 
 def table(result: dict) -> str:
